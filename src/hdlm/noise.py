@@ -124,10 +124,15 @@ class Cosine(NoiseSchedule):
         return -(1.0 - self.eps) * 0.5 * math.pi * torch.sin(0.5 * math.pi * s)
 
     def sigma_bar(self, s: Tensor) -> Tensor:
-        return -torch.log(self.alpha(s))
+        # 1 - cos(x) = 2 sin²(x/2): keeps float32 precision near s = 0, where -log(alpha) cancels
+        return -torch.log1p(-(1.0 - self.eps) * 2.0 * torch.sin(0.25 * math.pi * s) ** 2)
 
     def dsigma_bar(self, s: Tensor) -> Tensor:
         return -self.dalpha(s) / self.alpha(s)
+
+    def mask_weight(self, s: Tensor) -> Tensor:
+        # -alpha'/(1 - alpha) = (pi/2) sin(pi s/2) / (2 sin²(pi s/4)) = (pi/2) / tan(pi s/4)
+        return 0.5 * math.pi / torch.tan(0.25 * math.pi * s)
 
 
 NOISE_SCHEDULES = {c.name: c for c in (LogLinear, Linear, Geometric, Cosine)}
