@@ -1,0 +1,561 @@
+"""Noising processes and their training losses (paper §2.2, §3.2, App. A, App. B.2, B.5).
+
+States: N real tokens ``0..N-1`` and MASK = ``N``. Column convention: q(x' | x) is the x-th
+column of a matrix, so a rate matrix Q has zero column sums and ``Q[x, z]`` is the forward
+rate z -> x. The network outputs ``raw`` (..., N) over the real tokens only; a process says
+how to read it.
+
+Two families (DESIGN.md §3):
+
+* :class:`GammaHybrid` (``family = "score"``, SEDD framework). Q_gamma = (1-gamma) Q_absorb +
+  gamma Q_uniform with Q_absorb = e_M 1^T - I and Q_uniform = (1/N) u u^T - diag(u) (u: the
+  real tokens). Both square to minus themselves and commute, which gives the closed-form
+  evolution operator of Eq. (7g)::
+
+      exp(c Q_gamma) = I + (1 - a) Q_absorb + a (1 - b) Q_uniform,  a = e^{-(1-gamma) c}, b = e^{-gamma c}
+
+  (valid for any real c, also negative). Trained with DWDSE (Lou et al., 2024) in closed form.
+  :class:`Absorb` (gamma = 0) and :class:`Uniform` (gamma = 1) are the same code.
+* :class:`EpsilonHybrid` (``family = "mean"``, MDM framework, §3.2): substitute y by a uniform
+  real token with probability epsilon, then mask with probability 1 - alpha(s). Trained with
+  HDCE, Eq. (8)-(9). :class:`MDLM` is epsilon = 0.
+
+Likelihood bounds. For the gamma family, the integral over s of the DWDSE plus the prior term
+is Lou et al.'s (2024) bound on -log p of the continuous-time reverse process; with a
+hyperschedule each position runs its own clock (DESIGN.md §2). For the epsilon family with
+epsilon = 0 the HDCE is MDLM's continuous-time NELBO (any lambda: kept tokens weigh 0). For
+epsilon > 0 the HDCE of Eq. (9) is the paper's training loss, not a proven bound on the NLL.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from .config import ProcessConfig
+from .errors import HDLMError
+from .noise import NoiseSchedule, make_noise
+
+_NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------------------------
+# small pure helpers
+
+
+def cross_entropy(raw: Tensor, y: Tensor) -> Tensor:
+    """-log softmax(raw)_y per token, (...): the settled-token term of Eq. (10)."""
+    return -torch.log_softmax(raw, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+def _noise_like(s, shape, dtype: torch.dtype, device) -> Tensor:
+    """The per-token noise level (or rate) ``s`` as a tensor of ``shape`` (broadcast)."""
+    return torch.broadcast_to(torch.as_tensor(s, dtype=dtype, device=device), shape)
+
+
+def _float_dtype(s) -> torch.dtype:
+    if isinstance(s, Tensor) and s.is_floating_point():
+        return s.dtype
+    return torch.get_default_dtype()
+
+
+def _phi(d: Tensor) -> Tensor:
+    """e^d - d - 1 (>= 0, = 0 iff d = 0): one score-entropy term over its ratio r,
+    s - r log s + r (log r - 1) = r phi(log s - log r), without cancelling large numbers."""
+    return torch.expm1(d) - d
+
+
+def _normalise_step(probs: Tensor, log_score: Tensor, x: Tensor, s_next: Tensor, delta: Tensor,
+                    mask_id: int) -> Tensor:
+    """Shared end of the gamma-family sampler steps: SEDD's final denoising rule, then normalise.
+
+    Where s_next == 0 the MASK state gets probability 0 (the output must be real tokens);
+    where delta == 0 the token stays x. If nothing keeps positive mass, x stays too, except a
+    MASK at the last step (only possible where the process cannot reach MASK, gamma = 1): it
+    takes the normalised real scores, so the output never holds MASK.
+    """
+    probs = probs.clamp_min(0.0)
+    final = (s_next == 0).unsqueeze(-1)
+    is_mask_state = torch.arange(probs.shape[-1], device=probs.device) == mask_id
+    probs = torch.where(final & is_mask_state, torch.zeros_like(probs), probs)
+    total = probs.sum(-1, keepdim=True)
+    stay = torch.nn.functional.one_hot(x, probs.shape[-1]).to(probs.dtype)
+    real_scores = torch.softmax(log_score.masked_fill(is_mask_state, _NEG_INF), dim=-1)
+    fallback = torch.where(final & (x == mask_id).unsqueeze(-1), real_scores, stay)
+    probs = torch.where(total > 0, probs / torch.where(total > 0, total, torch.ones_like(total)), fallback)
+    return torch.where(delta.unsqueeze(-1) == 0, stay, probs)
+
+
+# --------------------------------------------------------------------------------------------
+# the interface
+
+
+class Process(ABC):
+    """A per-token forward noising process q(x | y, s) and its training loss.
+
+    ``s`` is the noise level in [0, 1] of each token (a hyperschedule gives every position its
+    own, paper §3.1); ``self.noise`` maps it to sigma_bar(s) / alpha(s).
+    """
+
+    family: str = "abstract"
+
+    def __init__(self, N: int, noise: NoiseSchedule):
+        if int(N) != N or N < 1:
+            raise HDLMError(f"process: vocabulary size N = {N} must be a positive integer")
+        if not isinstance(noise, NoiseSchedule):
+            raise HDLMError(f"process: noise must be a NoiseSchedule, got {type(noise).__name__}")
+        self.N = int(N)
+        self.noise = noise
+
+    @property
+    def mask_id(self) -> int:
+        return self.N
+
+    @property
+    def num_states(self) -> int:
+        """N real tokens plus MASK."""
+        return self.N + 1
+
+    @abstractmethod
+    def sample_forward(self, y: Tensor, s, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        """Draw x ~ q(x | y, s) per token; also return what the loss needs (``aux``)."""
+
+    @abstractmethod
+    def marginal(self, y: Tensor, s) -> Tensor:
+        """q(x | y, s) as probabilities (..., N+1)."""
+
+    @abstractmethod
+    def prior(self, shape, generator: torch.Generator | None = None, device=None) -> Tensor:
+        """A draw from the full-noise state (generation starts there)."""
+
+    @abstractmethod
+    def embed_keep(self, x: Tensor, s) -> Tensor:
+        """Keep weight of the weighted token embedding, Eq. (12), per input token (...)."""
+
+    @abstractmethod
+    def diffusion_loss(self, raw: Tensor, x: Tensor, y: Tensor, s, rate, aux: dict | None = None) -> Tensor:
+        """Per-token diffusion loss (...), multiplied by ``rate`` = |dl_i/du| and 0 where rate == 0."""
+
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        extra = {k: v for k, v in vars(self).items() if k not in ("N", "noise")}
+        args = ", ".join(f"{k}={v}" for k, v in extra.items())
+        return f"{type(self).__name__}(N={self.N}, noise={self.noise!r}{', ' if args else ''}{args})"
+
+
+# --------------------------------------------------------------------------------------------
+# gamma-hybrid (SEDD framework)
+
+
+class GammaHybrid(Process):
+    """Q_gamma = (1-gamma) Q_absorb + gamma Q_uniform (§3.2, App. A), trained with DWDSE.
+
+    The model's raw outputs are read as log-probabilities of the real token at position i given
+    the rest *and* given that i is not masked (a SUBS-like parametrisation with exact
+    normalisation, see :meth:`log_score`).
+    """
+
+    family = "score"
+
+    def __init__(self, N: int, noise: NoiseSchedule, gamma: float):
+        super().__init__(N, noise)
+        if not 0.0 <= gamma <= 1.0:
+            raise HDLMError(f"gamma-hybrid: gamma = {gamma} must be in [0, 1]")
+        self.gamma = float(gamma)
+
+    # ---- the evolution operator, Eq. (7g) -----------------------------------------------
+
+    def _coeffs(self, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """a = e^{-(1-gamma)c}, 1 - a, b = e^{-gamma c}, 1 - b (expm1 keeps small c exact)."""
+        ca, cb = (1.0 - self.gamma) * c, self.gamma * c
+        return torch.exp(-ca), -torch.expm1(-ca), torch.exp(-cb), -torch.expm1(-cb)
+
+    def rate_matrix(self, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+        """Dense Q_gamma (N+1, N+1), column convention (small N: tests and docs)."""
+        n = self.N
+        q_absorb = -torch.eye(n + 1, dtype=dtype, device=device)
+        q_absorb[n, :] += 1.0
+        u = torch.ones(n + 1, dtype=dtype, device=device)
+        u[n] = 0.0
+        q_uniform = torch.outer(u, u) / n - torch.diag(u)
+        return (1.0 - self.gamma) * q_absorb + self.gamma * q_uniform
+
+    def transition(self, delta) -> Tensor:
+        """Dense exp(delta Q_gamma) from Eq. (7g): (..., N+1, N+1) for delta of shape (...).
+
+        Column y is q(. | y) after extra total noise delta. Builds N x N: small N only.
+        """
+        delta = torch.as_tensor(delta, dtype=_float_dtype(delta))
+        a, one_minus_a, b, one_minus_b = (t[..., None, None] for t in self._coeffs(delta))
+        n = self.N
+        eye = torch.eye(n + 1, dtype=delta.dtype, device=delta.device)
+        real = torch.ones(n + 1, dtype=delta.dtype, device=delta.device)
+        real[n] = 0.0
+        real_block = torch.outer(real, real)
+        to_mask = torch.zeros_like(eye)
+        to_mask[n, :n] = 1.0
+        out = (a * b) * eye * real_block + (a * one_minus_b / n) * real_block + one_minus_a * to_mask
+        out[..., n, n] = 1.0  # MASK is absorbing
+        return out
+
+    def apply_exp(self, v: Tensor, c) -> Tensor:
+        """exp(c Q_gamma) v for v (..., N+1) and c (...) of any sign, without N x N matrices.
+
+        Real z: a b v_z + a (1-b) (sum_real v) / N; MASK: v_M + (1-a) (sum_real v).
+        """
+        c = _noise_like(c, v.shape[:-1], v.dtype, v.device)
+        a, one_minus_a, b, one_minus_b = (t.unsqueeze(-1) for t in self._coeffs(c))
+        v_real, v_mask = v[..., : self.N], v[..., self.N :]
+        total_real = v_real.sum(-1, keepdim=True)
+        out_real = a * b * v_real + a * one_minus_b * total_real / self.N
+        out_mask = v_mask + one_minus_a * total_real
+        return torch.cat([out_real, out_mask], dim=-1)
+
+    def exp_row(self, x: Tensor, c) -> Tensor:
+        """Row x of exp(c Q_gamma): [exp(cQ)]_{x, z} = P(z -> x over c), (..., N+1)."""
+        dtype = _float_dtype(c)
+        c = _noise_like(c, x.shape, dtype, x.device)
+        a, one_minus_a, b, one_minus_b = (t.unsqueeze(-1) for t in self._coeffs(c))
+        z = torch.arange(self.N + 1, device=x.device)
+        x_ = x.unsqueeze(-1)
+        z_real = z < self.N
+        from_real = torch.where(z_real, a * one_minus_b / self.N + a * b * (z == x_).to(dtype), 0.0)
+        from_mask = torch.where(z_real, one_minus_a, 1.0)
+        return torch.where(x_ == self.mask_id, from_mask, from_real)
+
+    def _real_marginal_logs(self, sigma_bar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """b, log q_same, log q_other of q_z = b [z = y] + (1-b)/N over real z.
+
+        q is the real part of the marginal divided by a (= the uniform process's marginal at
+        total noise gamma * sigma_bar); log q_other = -inf where nothing moved (b = 1).
+        """
+        one_minus_b = -torch.expm1(-self.gamma * sigma_bar)
+        log_other = torch.log(one_minus_b) - math.log(self.N)
+        log_same = torch.log1p(-one_minus_b * (1.0 - 1.0 / self.N))
+        return 1.0 - one_minus_b, log_same, log_other
+
+    # ---- forward process ----------------------------------------------------------------
+
+    def marginal(self, y: Tensor, s) -> Tensor:
+        """q(x | y, s) = exp(sigma_bar(s) Q_gamma) e_y: P(MASK) = 1 - a, P(y) = ab + a(1-b)/N, P(z) = a(1-b)/N."""
+        s = _noise_like(s, y.shape, _float_dtype(s), y.device)
+        e_y = torch.nn.functional.one_hot(y, self.N + 1).to(s.dtype)
+        return self.apply_exp(e_y, self.noise.sigma_bar(s))
+
+    def sample_forward(self, y: Tensor, s, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        """x ~ q(x | y, s): mask with probability 1 - a, else redraw uniformly with probability 1 - b.
+
+        Same law as :meth:`marginal` (the redraw may give y back). ``aux`` is empty.
+        """
+        dtype = _float_dtype(s)
+        s = _noise_like(s, y.shape, dtype, y.device)
+        _, one_minus_a, _, one_minus_b = self._coeffs(self.noise.sigma_bar(s))
+        masked = torch.rand(y.shape, generator=generator, device=y.device, dtype=dtype) < one_minus_a
+        redraw = torch.rand(y.shape, generator=generator, device=y.device, dtype=dtype) < one_minus_b
+        uniform = torch.randint(0, self.N, y.shape, generator=generator, device=y.device)
+        x = torch.where(redraw, uniform, y)
+        return torch.where(masked, torch.full_like(y, self.mask_id), x), {}
+
+    def prior(self, shape, generator: torch.Generator | None = None, device=None) -> Tensor:
+        """All MASK for gamma < 1 (absorbing); uniform real tokens for gamma = 1."""
+        if self.gamma < 1.0:
+            return torch.full(tuple(shape), self.mask_id, dtype=torch.long, device=device)
+        return torch.randint(0, self.N, tuple(shape), generator=generator, device=device)
+
+    def embed_keep(self, x: Tensor, s) -> Tensor:
+        """Eq. (12) / App. B.5: a real token is unperturbed with probability e^{-gamma sigma_bar(s)}; MASK: 1."""
+        s = _noise_like(s, x.shape, _float_dtype(s), x.device)
+        keep = torch.exp(-self.gamma * self.noise.sigma_bar(s))
+        return torch.where(x == self.mask_id, torch.ones_like(keep), keep)
+
+    # ---- score parametrisation ----------------------------------------------------------
+
+    def _log_mask_odds(self, sigma_bar: Tensor) -> Tensor:
+        """log(a / (1-a)) = -log(expm1((1-gamma) sigma_bar)), kept finite where (1-gamma) sigma_bar = 0."""
+        c = ((1.0 - self.gamma) * sigma_bar).clamp_min(torch.finfo(sigma_bar.dtype).tiny)
+        return -torch.log(torch.expm1(c))
+
+    def log_score(self, raw: Tensor, x: Tensor, s) -> Tensor:
+        """Model log-ratios log s_z ~ log p(z at i | rest) / p(x at i | rest), (..., N+1).
+
+        Given the rest, position i is MASK with probability 1 - a exactly (masking ignores the
+        token), so with p = softmax(raw) modelling the real token given "not masked":
+        at MASK, log s_z = log p_z + log(a/(1-a)) for real z (for gamma = 0 this is SEDD's
+        -log(e^{sigma_bar} - 1) scaling) and log s_M = 0; at a real x, log s_z = log p_z - log p_x
+        and log s_M = -inf (MASK never turns back into a real token).
+        """
+        s = _noise_like(s, x.shape, raw.dtype, raw.device)
+        lsm = torch.log_softmax(raw, dim=-1)
+        is_mask = x == self.mask_id
+        x_real = torch.where(is_mask, torch.zeros_like(x), x)
+        lsm_x = lsm.gather(-1, x_real.unsqueeze(-1))
+        odds = self._log_mask_odds(self.noise.sigma_bar(s)).unsqueeze(-1)
+        log_real = torch.where(is_mask.unsqueeze(-1), lsm + odds, lsm - lsm_x)
+        log_mask = torch.where(is_mask, 0.0, _NEG_INF).to(raw.dtype).unsqueeze(-1)
+        return torch.cat([log_real, log_mask], dim=-1)
+
+    # ---- DWDSE --------------------------------------------------------------------------
+
+    def diffusion_loss(self, raw: Tensor, x: Tensor, y: Tensor, s, rate, aux: dict | None = None) -> Tensor:
+        """rate * DWDSE per token (Lou et al., 2024), exact in closed form for Q_gamma.
+
+        L = sigma_bar'(s) sum_{z != x} Q(x, z) [s_z - r_z log s_z + r_z (log r_z - 1)],
+        r_z = p_s(z | y) / p_s(x | y), s_z from :meth:`log_score`. With p = softmax(raw) and
+        q_z = b [z = y] + (1-b)/N (real marginal over a):
+        * x = MASK: Q(M, z) = 1 - gamma for every real z, s_z = p_z a/(1-a), r_z = q_z a/(1-a)
+          (non-zero also for z != y). The factor a/(1-a) = 1/expm1((1-gamma) sigma_bar) comes out
+          exactly and the sum is KL(q || p) = -(b log p_y + (1-b)/N sum_z log p_z) + sum_z q_z log q_z.
+        * x real: Q(x, z) = gamma / N for every other real z (none from MASK), s_z = p_z / p_x,
+          r_z = q_z / q_x: SEDD's uniform score entropy at noise gamma * sigma_bar.
+        Only reductions of log_softmax(raw) are formed: no further (..., N) temporaries, so the
+        loss is cheap at N = 50k (its gradient, p - q-like, is exact; in float32 the value of a
+        near-perfect prediction carries rounding from the sums: pass float64 raw for exact values).
+        Zero where rate == 0 and at states the forward process cannot reach from y.
+        """
+        dtype, device = raw.dtype, raw.device
+        n = self.N
+        s = _noise_like(s, x.shape, dtype, device)
+        rate = _noise_like(rate, x.shape, dtype, device)
+        sigma_bar, dsigma_bar = self.noise.sigma_bar(s), self.noise.dsigma_bar(s)
+        b, log_same, log_other = self._real_marginal_logs(sigma_bar)
+        moved = log_other > _NEG_INF  # q_other > 0
+        log_other_safe = torch.where(moved, log_other, torch.zeros_like(log_other))
+        zero = torch.zeros_like(sigma_bar)
+
+        lsm = torch.log_softmax(raw, dim=-1)
+        is_mask = x == self.mask_id
+        x_real = torch.where(is_mask, y, x)
+        lsm_y = lsm.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        lsm_x = lsm.gather(-1, x_real.unsqueeze(-1)).squeeze(-1)
+        lsm_sum = lsm.sum(-1)
+        lsm_sum_safe = torch.where(moved, lsm_sum, zero)  # multiplied by q_other = 0 otherwise
+
+        # x = MASK: (1-gamma) a/(1-a) KL(q || p)
+        c_mask = (1.0 - self.gamma) * sigma_bar
+        ok_mask = is_mask & (c_mask > 0)
+        coef_mask = (1.0 - self.gamma) / torch.expm1(torch.where(ok_mask, c_mask, torch.ones_like(c_mask)))
+        q_other = torch.exp(log_other)
+        neg_entropy = torch.xlogy(torch.exp(log_same), torch.exp(log_same)) + (n - 1) * torch.xlogy(q_other, q_other)
+        term_mask = -(b * lsm_y + q_other * lsm_sum_safe) + neg_entropy
+
+        # x real: sum_{z != x} s_z = (1 - p_x)/p_x and sum_{z != x} log s_z = sum_z log p_z - N log p_x
+        sum_s = torch.expm1(-lsm_x)
+        sum_log_s = lsm_sum - n * lsm_x
+        # ... x = y: every r_z = rho = q_other / q_same
+        log_rho = log_other_safe - log_same
+        rho = torch.where(moved, torch.exp(log_rho), zero)
+        term_same = sum_s - torch.where(moved, rho * sum_log_s, zero) + (n - 1) * rho * (log_rho - 1.0)
+        # ... x != y: r_y = 1/rho (its term written as r phi(log s - log r)), r_z = 1 for the N-2 others
+        log_s_y = lsm_y - lsm_x
+        term_y = torch.exp(-log_rho) * _phi(log_s_y + log_rho)
+        term_other = (sum_s - torch.exp(log_s_y)) - (sum_log_s - log_s_y) - (n - 2)
+        term_real = torch.where(x == y, term_same, term_other + term_y)
+        ok_real = ~is_mask & ((x == y) | moved)
+
+        per_token = torch.where(is_mask, coef_mask * term_mask, (self.gamma / n) * term_real)
+        live = (ok_mask | ok_real) & (rate != 0)
+        return torch.where(live, rate * dsigma_bar * per_token, zero)
+
+    # ---- sampler maths (SEDD's Tweedie tau-leaping and Euler) ---------------------------
+
+    def _step_delta(self, x: Tensor, s_now, s_next, dtype, device) -> tuple[Tensor, Tensor]:
+        s_now = _noise_like(s_now, x.shape, dtype, device)
+        s_next = _noise_like(s_next, x.shape, dtype, device)
+        delta = (self.noise.sigma_bar(s_now) - self.noise.sigma_bar(s_next)).clamp_min(0.0)
+        return delta, s_next
+
+    def analytic_probs(self, log_score: Tensor, x: Tensor, s_now, s_next) -> Tensor:
+        """Tweedie tau-leaping step (Lou et al., 2024, Thm 4.2), per token: probabilities (..., N+1).
+
+        With delta = sigma_bar(s_now) - sigma_bar(s_next) >= 0 and s = exp(log_score) (s_x = 1),
+        p(z) oc [exp(-delta Q) s]_z exp(delta Q)[x, z]; exact when s holds the true ratios of a
+        single token. Tiny negatives (imperfect scores, rounding) are clamped to 0. Where
+        s_next == 0 MASK gets probability 0 (SEDD's final denoising step); where delta == 0, x stays.
+        Pass float64 log-scores for the most accurate MASK probability.
+        """
+        delta, s_next = self._step_delta(x, s_now, s_next, log_score.dtype, log_score.device)
+        # p is invariant to rescaling s, so take s / max(s): no overflow for large scores
+        scaled = torch.exp(log_score - log_score.amax(-1, keepdim=True))
+        back = self.apply_exp(scaled, -delta)
+        row = self.exp_row(x, delta)
+        probs = torch.where(row > 0, back * row, torch.zeros_like(row))  # row = 0 kills any -inf/inf in back
+        return _normalise_step(probs, log_score, x, s_next, delta, self.mask_id)
+
+    def euler_probs(self, log_score: Tensor, x: Tensor, s_now, s_next) -> Tensor:
+        """Euler step of the reverse process: p(z) = [z = x] + delta Q(x, z) s_z for z != x.
+
+        The reverse rate x -> z is the forward rate z -> x times the ratio s_z; the diagonal is
+        1 - sum of the others, clamped to >= 0 (computed in log space, so a step whose leaving mass
+        exceeds 1 becomes that mass normalised); then the final-step rule of :meth:`analytic_probs`.
+        """
+        delta, s_next = self._step_delta(x, s_now, s_next, log_score.dtype, log_score.device)
+        z = torch.arange(self.N + 1, device=x.device)
+        x_ = x.unsqueeze(-1)
+        z_real = z < self.N
+        from_mask, from_real = (torch.tensor(v, dtype=log_score.dtype, device=x.device)
+                                for v in (1.0 - self.gamma, self.gamma / self.N))
+        rate_in = torch.where(x_ == self.mask_id, from_mask, from_real)
+        rate_in = torch.where(z_real & (z != x_), rate_in, torch.zeros_like(rate_in))
+        # in log space: when the total leaving mass reaches 1 the clamped, normalised step is its
+        # softmax (stay = 0), and large scores cannot overflow
+        log_leave = torch.where(rate_in > 0, torch.log(delta.unsqueeze(-1) * rate_in) + log_score, _NEG_INF)
+        log_total = torch.logsumexp(log_leave, dim=-1, keepdim=True)
+        saturated = log_total >= 0
+        leave = torch.where(saturated, torch.softmax(log_leave.clamp_min(torch.finfo(log_leave.dtype).min), -1),
+                            torch.exp(log_leave))
+        stay = torch.where(saturated, torch.zeros_like(log_total), -torch.expm1(log_total))
+        probs = torch.where(rate_in > 0, leave, torch.zeros_like(leave)) + torch.where(z == x_, stay, 0.0)
+        return _normalise_step(probs, log_score, x, s_next, delta, self.mask_id)
+
+    def denoise_probs(self, log_score: Tensor, x: Tensor, s_now) -> Tensor:
+        """The last step to noise 0: :meth:`analytic_probs` with s_next = 0 (no MASK left)."""
+        return self.analytic_probs(log_score, x, s_now, 0.0)
+
+
+class Absorb(GammaHybrid):
+    """SEDD's absorbing process (gamma = 0)."""
+
+    def __init__(self, N: int, noise: NoiseSchedule):
+        super().__init__(N, noise, gamma=0.0)
+
+
+class Uniform(GammaHybrid):
+    """SEDD's uniform process over the N real tokens (gamma = 1)."""
+
+    def __init__(self, N: int, noise: NoiseSchedule):
+        super().__init__(N, noise, gamma=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# epsilon-hybrid (MDM framework)
+
+
+class EpsilonHybrid(Process):
+    """Substitute-then-mask process of §3.2, trained with HDCE, Eq. (8)-(9).
+
+    Unless s = 0 (then x = y), y is replaced by a uniform real token with probability epsilon
+    (the redraw may give y back), then masked with probability 1 - alpha(s): the y-th column of
+    (1 + epsilon Q_uniform)(1 + (1 - alpha) Q_absorb). ``raw`` are logits of the clean token.
+    """
+
+    family = "mean"
+
+    def __init__(self, N: int, noise: NoiseSchedule, epsilon: float, lam: float = 1.0):
+        super().__init__(N, noise)
+        if not 0.0 <= epsilon <= 1.0:
+            raise HDLMError(f"epsilon-hybrid: epsilon = {epsilon} must be in [0, 1]")
+        if lam < 0.0:
+            raise HDLMError(f"epsilon-hybrid: lam = {lam} must be >= 0")
+        self.epsilon = float(epsilon)
+        self.lam = float(lam)
+
+    def _mask_prob(self, s: Tensor) -> Tensor:
+        """p_mask = 1 - alpha(s) = -expm1(-sigma_bar(s)) (accurate at small s)."""
+        return -torch.expm1(-self.noise.sigma_bar(s))
+
+    def marginal(self, y: Tensor, s) -> Tensor:
+        """s > 0: P(MASK) = 1 - alpha, P(y) = alpha (1 - eps + eps/N), P(z != y) = alpha eps / N; s = 0: y."""
+        s = _noise_like(s, y.shape, _float_dtype(s), y.device)
+        p_mask = self._mask_prob(s).unsqueeze(-1)
+        keep = 1.0 - p_mask
+        e_y = torch.nn.functional.one_hot(y, self.N + 1).to(s.dtype)
+        real = (torch.arange(self.N + 1, device=y.device) < self.N).to(s.dtype)
+        noisy = keep * ((1.0 - self.epsilon) * e_y + (self.epsilon / self.N) * real)
+        noisy = noisy + p_mask * (1.0 - real)
+        return torch.where((s > 0).unsqueeze(-1), noisy, e_y)
+
+    def sample_forward(self, y: Tensor, s, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        """x ~ q(x | y, s); ``aux["substituted"]`` (bool) records the uniform redraw event."""
+        dtype = _float_dtype(s)
+        s = _noise_like(s, y.shape, dtype, y.device)
+        noisy = s > 0
+        substituted = noisy & (torch.rand(y.shape, generator=generator, device=y.device, dtype=dtype) < self.epsilon)
+        uniform = torch.randint(0, self.N, y.shape, generator=generator, device=y.device)
+        masked = noisy & (torch.rand(y.shape, generator=generator, device=y.device, dtype=dtype) < self._mask_prob(s))
+        x = torch.where(substituted, uniform, y)
+        return torch.where(masked, torch.full_like(y, self.mask_id), x), {"substituted": substituted}
+
+    def prior(self, shape, generator: torch.Generator | None = None, device=None) -> Tensor:
+        """All MASK."""
+        return torch.full(tuple(shape), self.mask_id, dtype=torch.long, device=device)
+
+    def embed_keep(self, x: Tensor, s) -> Tensor:
+        """Eq. (12) does not apply: 1 everywhere."""
+        return torch.ones(x.shape, dtype=_float_dtype(s), device=x.device)
+
+    def log_probs(self, raw: Tensor) -> Tensor:
+        """log p(clean token) = log_softmax(raw), (..., N)."""
+        return torch.log_softmax(raw, dim=-1)
+
+    def diffusion_loss(self, raw: Tensor, x: Tensor, y: Tensor, s, rate, aux: dict | None = None) -> Tensor:
+        """HDCE, Eq. (8)-(9), per token: w * (-log softmax(raw)_y) * rate * (-alpha'(s)).
+
+        w = 1/p_mask (masked), lambda(1-eps)/(1-p_mask) (unmasked, substituted), lambda eps/(1-p_mask)
+        (unmasked, not substituted), p_mask = 1 - alpha(s). Eq. (9) is written for flat training
+        with linear alpha, where rate = 1 and -alpha' = 1; the factor rate * (-alpha'(s)) makes the
+        same weights a continuous-time integrand for any alpha and any hyperschedule (with
+        Linear(eps) noise, -alpha' = 1 - eps). For epsilon = 0 this is MDLM's NELBO integrand
+        -alpha'/(1-alpha) CE on masked tokens. Zero where rate == 0 or s == 0.
+        """
+        if aux is None or "substituted" not in aux:
+            raise HDLMError("epsilon-hybrid loss needs aux['substituted'] from sample_forward")
+        dtype, device = raw.dtype, raw.device
+        s = _noise_like(s, x.shape, dtype, device)
+        rate = _noise_like(rate, x.shape, dtype, device)
+        p_mask, keep = self._mask_prob(s), self.noise.alpha(s)
+        masked = x == self.mask_id
+        substituted = torch.broadcast_to(aux["substituted"].to(device), x.shape)
+        zero = torch.zeros_like(p_mask)
+        inv_mask = torch.where(p_mask > 0, 1.0 / torch.where(p_mask > 0, p_mask, 1.0), zero)
+        inv_keep = torch.where(keep > 0, 1.0 / torch.where(keep > 0, keep, 1.0), zero)
+        kept_weight = self.lam * torch.where(substituted, torch.full_like(p_mask, 1.0 - self.epsilon),
+                                             torch.full_like(p_mask, self.epsilon))
+        w = torch.where(masked, inv_mask, kept_weight * inv_keep)
+        factor = rate * -self.noise.dalpha(s)
+        live = (rate != 0) & (s > 0)
+        return torch.where(live, factor * w * cross_entropy(raw, y), zero)
+
+    def transfer_prob(self, s_now, s_next) -> Tensor:
+        """P(a MASK at s_now is revealed by s_next) = (alpha(s_next) - alpha(s_now)) / (1 - alpha(s_now)).
+
+        Alg. 3's 1 - s/t for linear alpha. 0 where s_now == s_next; 1 where s_next == 0 (no MASK
+        survives the last step; this rule wins when both hold).
+        """
+        dtype = torch.promote_types(_float_dtype(s_now), _float_dtype(s_next))
+        s_now, s_next = torch.broadcast_tensors(torch.as_tensor(s_now, dtype=dtype),
+                                                torch.as_tensor(s_next, dtype=dtype))
+        now = torch.expm1(-self.noise.sigma_bar(s_now))  # -(1 - alpha(s_now))
+        nxt = torch.expm1(-self.noise.sigma_bar(s_next))
+        moving = (s_now != s_next) & (now != 0)
+        p = torch.where(moving, 1.0 - nxt / torch.where(now != 0, now, torch.ones_like(now)), torch.zeros_like(now))
+        p = torch.where(s_next == 0, torch.ones_like(p), p)
+        return p.clamp(0.0, 1.0)
+
+
+class MDLM(EpsilonHybrid):
+    """MDLM (Sahoo et al., 2024): the epsilon-hybrid with epsilon = 0."""
+
+    def __init__(self, N: int, noise: NoiseSchedule, lam: float = 1.0):
+        super().__init__(N, noise, epsilon=0.0, lam=lam)
+
+
+# --------------------------------------------------------------------------------------------
+# construction from the config
+
+
+def make_process(cfg: ProcessConfig, N: int) -> Process:
+    """Build the process named by ``cfg.kind`` over N real tokens (MASK = N)."""
+    noise = make_noise(cfg.noise, eps=cfg.noise_eps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
+    if cfg.kind == "absorb":
+        return Absorb(N, noise)
+    if cfg.kind == "uniform":
+        return Uniform(N, noise)
+    if cfg.kind == "gamma":
+        return GammaHybrid(N, noise, cfg.gamma)
+    if cfg.kind == "epsilon":
+        return EpsilonHybrid(N, noise, cfg.epsilon, cfg.lam)
+    if cfg.kind == "mdlm":
+        return MDLM(N, noise, lam=cfg.lam)
+    raise HDLMError(f"config process.kind = {cfg.kind!r}: must be one of absorb, uniform, gamma, epsilon, mdlm")
