@@ -6,4 +6,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one thread per xdist worker (the workers already fill the cores); otherwise follow OMP_NUM_THREADS
+_threads = 1 if os.environ.get("PYTEST_XDIST_WORKER") else int(os.environ.get("OMP_NUM_THREADS", 0) or 2)
+torch.set_num_threads(max(1, min(_threads, os.cpu_count() or 1)))

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = ["hdlm", *(sys.argv[1:] if argv is None else argv)]  # recorded in reports for reproduction
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0

