@@ -1,0 +1,442 @@
+"""Checkpoints: crash-safe training state and weights-only "pretrained" folders.
+
+A *checkpoint* is a folder ``run_dir/step-00001000/`` holding
+
+- ``model.safetensors``: the model weights (``ema.safetensors`` too when EMA is on),
+- ``config.yaml``: the resolved :class:`~hdlm.config.Config` (vocab_size filled in),
+- ``tokenizer.json``: the tokenizer identity (refused later if another tokenizer is used),
+- ``state.pt``: the rest of the training state (optimizer, LR scheduler, EMA bookkeeping, step,
+  RNG states, data-iterator position, metrics so far),
+- ``meta.json``: hdlm version, step, time and the sha256 of every binary file.
+
+Writes are atomic: everything goes into a hidden temporary folder beside the target, each file is
+fsynced, the folder is renamed into place, and only then is ``run_dir/latest`` (the name of the
+newest checkpoint) replaced with :func:`os.replace`. A crash at any point leaves the previous
+checkpoint and ``latest`` intact; stale temporary folders are ignored and removed by the next save.
+This is what makes resume exact instead of "silently restart the optimizer" (DESIGN.md §11).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+
+from . import __version__
+from .config import Config
+from .errors import HDLMError
+
+LATEST = "latest"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+CONFIG_FILE = "config.yaml"
+TOKENIZER_FILE = "tokenizer.json"
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+TMP_PREFIX = ".tmp-"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint (weights on ``map_location``)."""
+
+    path: Path
+    step: int
+    config: Config
+    tokenizer: dict
+    model_state: dict[str, Tensor]
+    ema_state: dict[str, Tensor] | None = None
+    train_state: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "DataParallel":
+            model = model.module
+        else:
+            return model
+
+
+def weights_for_saving(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous CPU copies; tensors that share storage (tied embeddings) get their own copy,
+    because safetensors refuses shared tensors and ``load_state_dict`` fills both names anyway."""
+    out, seen = {}, set()
+    for name, t in state.items():
+        t = t.detach()
+        if hasattr(t, "full_tensor"):  # a DTensor (FSDP) that was not gathered
+            t = t.full_tensor()
+        t = t.to("cpu").contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else None
+        if key is not None and key in seen:
+            t = t.clone()
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
+    """Write through ``write(f)`` then flush and fsync, so a rename after it publishes real bytes."""
+    with open(path, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_safetensors(path: Path, state: dict[str, Tensor]) -> None:
+    from safetensors.torch import save
+
+    data = save(weights_for_saving(state))
+    _write_file(path, lambda f: f.write(data))
+
+
+def _load_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise HDLMError(f"checkpoint file {path} is corrupt or unreadable ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _to_safe(obj: Any) -> Any:
+    """Make a state tree loadable with ``torch.load(weights_only=True)``: numpy values become
+    tensors/ints with a marker so :func:`_from_safe` can restore them exactly."""
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj).copy()), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _to_safe(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_to_safe(v) for v in obj]}
+    if isinstance(obj, list):
+        return [_to_safe(v) for v in obj]
+    return obj
+
+
+def _from_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if "__ndarray__" in obj and set(obj) == {"__ndarray__", "dtype"}:
+            return obj["__ndarray__"].numpy().astype(obj["dtype"], copy=False)
+        if set(obj) == {"__tuple__"}:
+            return tuple(_from_safe(v) for v in obj["__tuple__"])
+        return {k: _from_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_safe(v) for v in obj]
+    return obj
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run (a ``meta.json`` is written last), oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
+             if p.is_dir() and (m := _STEP_DIR.match(p.name)) and (p / META_FILE).exists()]
+    return [p for _, p in sorted(found)]
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def _write_folder(folder: Path, weights: dict[str, Tensor], cfg: Config, tokenizer_identity: dict,
+                  ema: dict[str, Tensor] | None, state: dict | None, step: int) -> None:
+    """Fill ``folder`` (a fresh temporary folder); meta.json, holding the hashes, comes last."""
+    _save_safetensors(folder / MODEL_FILE, weights)
+    if ema is not None:
+        _save_safetensors(folder / EMA_FILE, ema)
+    _write_file(folder / CONFIG_FILE, lambda f: f.write(cfg.to_yaml()), binary=False)
+    _write_file(folder / TOKENIZER_FILE, lambda f: json.dump(tokenizer_identity, f, indent=1, sort_keys=True),
+                binary=False)
+    if state is not None:
+        buf = io.BytesIO()
+        torch.save(_to_safe(state), buf)
+        _write_file(folder / STATE_FILE, lambda f: f.write(buf.getvalue()))
+    files = [MODEL_FILE] + ([EMA_FILE] if ema is not None else []) + ([STATE_FILE] if state is not None else [])
+    meta = {
+        "hdlm_version": __version__,
+        "step": int(step),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sha256": {name: sha256_file(folder / name) for name in files},
+    }
+    _write_file(folder / META_FILE, lambda f: json.dump(meta, f, indent=1), binary=False)
+    _fsync_dir(folder)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename a complete temporary folder to ``final`` (replacing an older folder of that name)."""
+    if final.exists():
+        trash = final.parent / f"{TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _write_latest(run_dir: Path, name: str) -> None:
+    tmp = run_dir / f"{TMP_PREFIX}{LATEST}-{uuid.uuid4().hex[:8]}"
+    _write_file(tmp, lambda f: f.write(name + "\n"), binary=False)
+    os.replace(tmp, run_dir / LATEST)
+    _fsync_dir(run_dir)
+
+
+def _clean_temporaries(run_dir: Path) -> None:
+    """Remove what an interrupted save left behind (only this library's ``.tmp-`` names)."""
+    for p in run_dir.glob(f"{TMP_PREFIX}*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    latest = read_latest(run_dir)
+    ckpts = list_checkpoints(run_dir)
+    for p in ckpts[:-keep] if keep > 0 else []:
+        if latest is None or p.resolve() != latest.resolve():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def read_latest(run_dir: str | Path) -> Path | None:
+    f = Path(run_dir) / LATEST
+    if not f.is_file():
+        return None
+    name = f.read_text().strip()
+    return Path(run_dir) / name if name else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str, Tensor], cfg: Config,
+                    tokenizer_identity: dict, train_state: dict, *, ema: dict[str, Tensor] | None = None,
+                    keep: int = 2) -> Path:
+    """Atomically write the checkpoint of ``step`` into ``run_dir`` and point ``latest`` at it.
+
+    ``model`` is a module (wrappers are removed) or an already gathered state dict (FSDP);
+    ``ema`` the EMA weights as a full model state dict (written to ``ema.safetensors``);
+    ``keep`` the number of newest checkpoints to keep (older ones are deleted after the switch).
+    Returns the checkpoint folder.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _clean_temporaries(run_dir)
+    weights = model if isinstance(model, dict) else unwrap_model(model).state_dict()
+    final = run_dir / step_dir_name(step)
+    tmp = run_dir / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _write_folder(tmp, weights, cfg, tokenizer_identity, ema, dict(train_state, step=int(step)), step)
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_latest(run_dir, final.name)
+    _prune(run_dir, keep)
+    return final
+
+
+def save_pretrained(model: nn.Module | dict[str, Tensor], cfg: Config, tokenizer_identity: dict,
+                    out_dir: str | Path, *, ema: dict[str, Tensor] | None = None) -> Path:
+    """Weights + config + tokenizer identity only (no training state), for sampling and sharing.
+
+    The EMA weights are the ones saved when given, since the paper evaluates the EMA model.
+    The folder is written atomically like a checkpoint.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    weights = ema if ema is not None else (model if isinstance(model, dict) else unwrap_model(model).state_dict())
+    step = 0
+    tmp = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _write_folder(tmp, weights, cfg, tokenizer_identity, None, None, step)
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def resolve_checkpoint(path_or_run_dir: str | Path) -> Path:
+    """A checkpoint folder from itself or from a run folder (via ``latest``, else the newest one)."""
+    path = Path(path_or_run_dir)
+    if not path.exists():
+        raise HDLMError(f"checkpoint '{path}' not found")
+    if not path.is_dir():
+        raise HDLMError(f"checkpoint '{path}' is not a folder")
+    if (path / META_FILE).exists() or (path / MODEL_FILE).exists():
+        return path
+    latest = read_latest(path)
+    ckpts = list_checkpoints(path)
+    if latest is not None and latest.is_dir():
+        return latest
+    if ckpts:  # no `latest`, or a crash while an existing folder of that name was being replaced
+        return ckpts[-1]
+    if latest is not None:
+        raise HDLMError(f"checkpoint '{latest}' named by {path / LATEST} not found")
+    raise HDLMError(f"no checkpoint in '{path}' (neither a checkpoint folder nor a run folder with '{LATEST}')")
+
+
+def _read_meta(path: Path) -> dict:
+    f = path / META_FILE
+    if not f.exists():
+        raise HDLMError(f"checkpoint {path}: missing file {META_FILE}")
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HDLMError(f"checkpoint file {f} is corrupt ({_one_line(e)})") from None
+
+
+def _verified(path: Path, name: str, meta: dict) -> Path:
+    f = path / name
+    if not f.exists():
+        raise HDLMError(f"checkpoint {path}: missing file {name}")
+    expected = meta.get("sha256", {}).get(name)
+    if expected is not None and sha256_file(f) != expected:
+        raise HDLMError(f"checkpoint file {f} is corrupt (sha256 does not match meta.json)")
+    return f
+
+
+def read_config(path: str | Path) -> Config:
+    """The validated config of a checkpoint folder (or run folder)."""
+    path = resolve_checkpoint(path)
+    f = path / CONFIG_FILE
+    if not f.exists():
+        raise HDLMError(f"checkpoint {path}: missing file {CONFIG_FILE}")
+    try:
+        d = yaml.safe_load(f.read_text())
+    except yaml.YAMLError as e:
+        raise HDLMError(f"checkpoint file {f} is not valid YAML ({_one_line(e)})") from None
+    try:
+        return Config.from_dict(d)
+    except HDLMError as e:
+        raise HDLMError(f"checkpoint file {f}: {e}") from None
+
+
+def read_tokenizer_identity(path: Path) -> dict:
+    f = path / TOKENIZER_FILE
+    if not f.exists():
+        raise HDLMError(f"checkpoint {path}: missing file {TOKENIZER_FILE}")
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HDLMError(f"checkpoint file {f} is corrupt ({_one_line(e)})") from None
+
+
+def load_checkpoint(path_or_run_dir: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load and verify a checkpoint (a checkpoint folder, or a run folder via ``latest``).
+
+    Every binary file is checked against the sha256 in ``meta.json``; a missing folder or file, a
+    corrupt file or a config that does not validate raises one :class:`HDLMError` line naming it.
+    """
+    path = resolve_checkpoint(path_or_run_dir)
+    meta = _read_meta(path)
+    cfg = read_config(path)
+    tok = read_tokenizer_identity(path)
+    model_state = _load_safetensors(_verified(path, MODEL_FILE, meta), map_location)
+    ema_state = None
+    if EMA_FILE in meta.get("sha256", {}) or (path / EMA_FILE).exists():
+        ema_state = _load_safetensors(_verified(path, EMA_FILE, meta), map_location)
+    train_state: dict = {}
+    if STATE_FILE in meta.get("sha256", {}) or (path / STATE_FILE).exists():
+        f = _verified(path, STATE_FILE, meta)
+        try:
+            train_state = _from_safe(torch.load(f, map_location=map_location, weights_only=True))
+        except Exception as e:
+            raise HDLMError(f"checkpoint file {f} is corrupt or unreadable ({_one_line(e)})") from None
+    return Checkpoint(path=path, step=int(meta.get("step", train_state.get("step", 0))), config=cfg,
+                      tokenizer=tok, model_state=model_state, ema_state=ema_state,
+                      train_state=train_state, meta=meta)
+
+
+def load_weights(model: nn.Module, state: dict[str, Tensor], source: str | Path) -> None:
+    """``load_state_dict`` with strict names and shapes, as one HDLMError line on mismatch."""
+    target = unwrap_model(model)
+    own = target.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise HDLMError(f"weights in {source} do not fit the model ({what}; "
+                        f"{len(missing)} missing, {len(unexpected)} unexpected)")
+    for name, t in state.items():
+        if tuple(own[name].shape) != tuple(t.shape):
+            raise HDLMError(f"weights in {source} do not fit the model ({name}: checkpoint "
+                            f"{tuple(t.shape)} vs model {tuple(own[name].shape)})")
+    target.load_state_dict(state, strict=True)
+
+
+def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config, dict]:
+    """Build the model of a pretrained folder, checkpoint folder or run folder and load its weights.
+
+    Uses the EMA weights when the checkpoint has them (the paper evaluates EMA models).
+    Returns ``(model in eval mode on device, config, tokenizer identity)``.
+    """
+    from .model import HDLMTransformer
+
+    path = resolve_checkpoint(path)
+    meta = _read_meta(path)
+    cfg = read_config(path)
+    tok = read_tokenizer_identity(path)
+    name = EMA_FILE if (EMA_FILE in meta.get("sha256", {}) or (path / EMA_FILE).exists()) else MODEL_FILE
+    state = _load_safetensors(_verified(path, name, meta), "cpu")
+    model = HDLMTransformer(cfg.model)
+    load_weights(model, state, path / name)
+    return model.to(device).eval(), cfg, tok
