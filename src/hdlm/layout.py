@@ -83,7 +83,7 @@ def inference_cells(x: Tensor, level: Tensor, settled_end: int, active_end: int,
     device = x.device
     if level.dim() == 1:
         level = level.unsqueeze(0).expand(B, d)
-    level = level.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    level = level if level.is_floating_point() else level.float()
     bos = process.N + 1
     kw = dict(settled_attention=settled_attention, block_width=block_width, device=device)
     clean_end = active_end if ar else settled_end
@@ -215,7 +215,7 @@ def training_cells(y: Tensor, hs, process, shift: int, seeds: Tensor, batch_seed
     if idx.numel():
         xs, auxes = [], []
         for b, s in enumerate(seeds.tolist()):
-            g = torch.Generator(device=device).manual_seed(int(s) * 1_000_003 + 7)
+            g = torch.Generator(device=device).manual_seed((int(s) * 1_000_003 + 7) % (2**63 - 1))  # stream apart from φ's
             if discrete:
                 xb = process.prior((idx.numel(),), generator=g, device=device)
                 ab: dict = {}

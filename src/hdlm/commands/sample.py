@@ -1,0 +1,101 @@
+"""Generate text from a checkpoint with the KV-cached hyperschedule samplers (paper §3.3-3.4, App. B.4).
+
+Examples::
+
+    hdlm sample --checkpoint runs/ptb --num-samples 4
+    hdlm sample --checkpoint runs/owt --prompt "The city of" --schedule block --width 256 --rho 2
+    hdlm sample --checkpoint runs/owt-eps --sampler acs --eta 0.01 --json --out samples.json
+    hdlm sample --checkpoint runs/ptb --num-samples 1 --trace denoising.png
+
+Unset options come from the checkpoint's config (``schedule.*`` and ``sample.*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import HDLMError
+
+SCHEDULE_KINDS = ("quench", "flat", "block", "slide")
+SAMPLER_NAMES = ("auto", "analytic", "euler", "ancestral", "acs", "ar")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint, pretrained or run folder")
+    p.add_argument("--prompt", default=None, metavar="TEXT", help="condition on this text (settled from the start)")
+    p.add_argument("--num-samples", type=int, default=None, metavar="N", help="number of samples (sample.num_samples)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B", help="samples per batch (sample.batch_size)")
+    p.add_argument("--schedule", choices=SCHEDULE_KINDS, default=None,
+                   help="hyperschedule kind (default: the checkpoint's schedule.kind)")
+    p.add_argument("--width", type=int, default=None, metavar="W", help="window width omega (block/slide)")
+    p.add_argument("--rho", type=float, default=None, metavar="R", help="generation rate rho, tokens per step")
+    p.add_argument("--steps", type=int, default=None, metavar="T", help="number of steps T (flat only)")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+                   help="auto: analytic (gamma family), ancestral (epsilon family), ar (quench)")
+    p.add_argument("--eta", type=float, default=None, metavar="E", help="ACS correction strength eta")
+    p.add_argument("--temperature", type=float, default=None, metavar="X")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="keep the K most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling (1 = off)")
+    p.add_argument("--seed", type=int, default=None, metavar="S")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:K (default: auto)")
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the settled prefix at every step")
+    p.add_argument("--float32-gumbel", action="store_true",
+                   help="reproduce the flawed float32 Gumbel-max draws of the reference code (App. F.2)")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON (texts, token ids, steps, model calls, wall time, tokens/s)")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the texts / JSON to FILE instead of stdout")
+    p.add_argument("--trace", default=None, metavar="FILE.png",
+                   help="draw the denoising of the first sample (rows = steps, columns = positions), like Fig. 3")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..sampling.pipeline import HDLMPipeline
+
+    pipe = HDLMPipeline.from_pretrained(args.checkpoint, device=args.device)
+    result = pipe.generate_ids(
+        args.num_samples, args.prompt, schedule=args.schedule, width=args.width, rho=args.rho, steps=args.steps,
+        sampler=args.sampler, eta=args.eta, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, kv_cache=False if args.no_kv_cache else None, batch_size=args.batch_size,
+        float64=False if args.float32_gumbel else None, trace=args.trace is not None,
+        progress=not args.no_progress)
+    texts = pipe.decode(result.tokens)
+    hs = result.hyperschedule
+    summary = (f"{len(texts)} samples, d = {hs.d}, {hs.kind} (T = {hs.T}, width = {hs.width}, rho = {hs.rho:g}), "
+               f"sampler {result.sampler}: {result.n_model_calls} model calls in {result.wall_time:.2f} s "
+               f"({result.tokens_per_s:.1f} tokens/s)")
+    if args.json:
+        out = json.dumps({
+            "samples": [{"text": t, "ids": ids} for t, ids in zip(texts, result.tokens.tolist())],
+            "prompt": args.prompt, "prompt_tokens": result.prompt_len,
+            "hyperschedule": {k: v for k, v in hs.to_dict().items() if k != "table"},
+            "sampler": result.sampler, "steps": result.steps, "n_model_calls": result.n_model_calls,
+            "wall_time": result.wall_time, "tokens_per_s": result.tokens_per_s,
+            "kv_cache": not args.no_kv_cache, "float64": not args.float32_gumbel,
+        }, ensure_ascii=False)
+    else:
+        out = "\n\n".join(f"=== sample {k} ===\n{t}" for k, t in enumerate(texts))
+    if args.out:
+        try:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(out + "\n")
+        except OSError as e:
+            raise HDLMError(f"cannot write '{args.out}': {e.strerror or e}") from None
+        print(f"wrote {args.out}: {summary}", file=sys.stderr)
+    else:
+        print(out)
+        print(summary, file=sys.stderr)
+    if args.trace:
+        from ..plots.trace import plot_trace
+
+        def one_token(i: int) -> str:
+            return pipe.tokenizer.decode([i])
+
+        try:
+            path = plot_trace(result, args.trace, mask_id=pipe.process.mask_id, decode=one_token)
+        except OSError as e:
+            raise HDLMError(f"cannot write '{args.trace}': {e.strerror or e}") from None
+        print(f"wrote {path}", file=sys.stderr)
+    return 0

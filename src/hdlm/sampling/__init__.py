@@ -1,0 +1,28 @@
+"""Generation (paper §3.3-3.4, App. B.4, App. D): samplers, the KV-cached driver, a pipeline.
+
+- :mod:`.samplers`: one reverse step on the active positions (analytic, Euler, ancestral = Alg. 3,
+  ACS = Alg. 4, AR) and exact float64 categorical draws.
+- :mod:`.generate`: the hyperschedule-driven loop with an exact KV cache.
+- :mod:`.pipeline`: :class:`HDLMPipeline`, ``from_pretrained(dir).generate(...)``.
+"""
+
+from .generate import GenerationResult, StepInfo, TraceStep, generate
+from .pipeline import HDLMPipeline, resolve_device
+from .samplers import (
+    SAMPLERS,
+    AncestralSampler,
+    ARSampler,
+    Categorical,
+    Sampler,
+    ScoreSampler,
+    gumbel_max_draw,
+    inverse_cdf_draw,
+    make_sampler,
+    shape_log_probs,
+)
+
+__all__ = [
+    "SAMPLERS", "AncestralSampler", "ARSampler", "Categorical", "GenerationResult", "HDLMPipeline", "Sampler",
+    "ScoreSampler", "StepInfo", "TraceStep", "generate", "gumbel_max_draw", "inverse_cdf_draw", "make_sampler",
+    "resolve_device", "shape_log_probs",
+]

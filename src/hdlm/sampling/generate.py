@@ -1,0 +1,220 @@
+"""The generation driver: a hyperschedule-driven loop with an exact KV cache (paper §3.3, App. B.4).
+
+Step t → t+1 of a hyperschedule τ splits the sequence into settled ⁀ active ⁀ worthless
+(Eq. 1). The model runs on the settled prefix (clean cells, attending to each other by the
+settled rule of training) followed by one noisy interval over the active window; worthless
+positions are never fed to it. The sampler then updates the active positions from their own
+level change τ_t/𝒯 → τ_{t+1}/𝒯.
+
+KV cache. Clean cells never attend to noisy ones, so their keys/values do not depend on the
+active window: they are computed once. Each step feeds only the clean cells settled since the
+previous step together with the active interval, in ONE forward pass that also appends those
+clean cells to preallocated buffers (:class:`hdlm.model.KVCache`). With block-causal settled
+attention a clean cell also sees the later cells of its block, so a cell is committed only once
+its block is complete (until then it is recomputed, as the uncached pass does). Cached and
+uncached generation are therefore the same computation up to floating-point rounding.
+
+Prompts (conditional generation, §2): prompt positions are settled from the start (level 0 at
+every step, never changed); a step whose active window lies inside the prompt is skipped.
+Quench + SHIFTED is plain autoregressive decoding (the cell predicting the next token is the
+clean cell of the last settled one, as in training).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import HDLMError
+from ..layout import inference_cells
+from ..masks import clean_layout, concat_layouts, dense_mask
+from .samplers import Sampler
+
+
+@dataclass
+class TraceStep:
+    """One transition t → t+1: the state before it and its Eq. (1) split (after the prompt)."""
+
+    t: int
+    settled_end: int
+    active_end: int
+    tokens: Tensor  # (B, d) x_t, on the CPU
+    model_called: bool
+
+
+@dataclass
+class StepInfo:
+    """What a ``callback`` sees after each model call (tests, logging)."""
+
+    t: int
+    settled_end: int
+    active_end: int
+    raw: Tensor  # (B, A, N) network outputs at the active positions
+    x_before: Tensor  # (B, A)
+    x_after: Tensor  # (B, A)
+    n_cells: int  # cells run by this forward pass
+    n_cached: int  # cells read from the KV cache
+
+
+@dataclass
+class GenerationResult:
+    """Output of :func:`generate`."""
+
+    tokens: Tensor  # (B, d) generated sequences (prompt included)
+    n_model_calls: int
+    wall_time: float
+    tokens_per_s: float  # generated (non-prompt) tokens per second
+    steps: int  # T of the hyperschedule
+    prompt_len: int = 0
+    sampler: str = ""  # the sampler's name ("auto" resolved)
+    hyperschedule: object = field(default=None, repr=False)
+    trace: list[TraceStep] | None = field(default=None, repr=False)
+
+
+def _prompt_tensor(prompt, batch_size: int, d: int, N: int, device) -> Tensor | None:
+    if prompt is None:
+        return None
+    prompt = torch.as_tensor(prompt, dtype=torch.long)
+    if prompt.dim() == 1:
+        prompt = prompt.unsqueeze(0).expand(batch_size, -1)
+    if prompt.dim() != 2 or prompt.shape[0] != batch_size:
+        raise HDLMError(f"prompt of shape {tuple(prompt.shape)}: expected (P,) or (batch_size = {batch_size}, P)")
+    if prompt.shape[1] > d:
+        raise HDLMError(f"prompt of {prompt.shape[1]} tokens is longer than the sequence length d = {d}")
+    if prompt.numel() and (int(prompt.min()) < 0 or int(prompt.max()) >= N):
+        raise HDLMError(f"prompt token ids must be real tokens in [0, {N})")
+    return prompt.to(device)
+
+
+def _final_clean(n: int, d: int, settled_attention: str, width: int) -> int:
+    """How many of the clean cells predicting [0, n) have final keys/values (may be cached).
+
+    Token-causal: all of them. Block-causal: those whose block of ω predicted positions is
+    complete (or everything, once the whole sequence is settled).
+    """
+    if settled_attention == "causal" or n >= d:
+        return n
+    return (n // width) * width
+
+
+@torch.no_grad()
+def generate(model, process, hyperschedule, sampler: Sampler, batch_size: int, prompt=None,
+             generator: torch.Generator | None = None, *, kv_cache: bool = True, trace: bool = False,
+             progress: bool = True, callback: Callable[[StepInfo], None] | None = None) -> GenerationResult:
+    """Generate ``batch_size`` sequences of length d = ``hyperschedule.d`` (paper §3, App. B.4).
+
+    ``prompt``: LongTensor (P,) or (B, P) of real token ids, settled from the start. ``generator``:
+    the only source of randomness (on the model's device; default: seed 0). ``kv_cache``: cache
+    the settled cells' keys/values (§3.3). ``trace``: keep x_t of every step (CPU) for plots.
+    """
+    hs = hyperschedule
+    cfg = model.cfg
+    if process.N != model.n_real:
+        raise HDLMError(f"process has N = {process.N} tokens but the model predicts {model.n_real}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise HDLMError(f"batch_size = {batch_size!r}: must be a positive integer")
+    device = next(model.parameters()).device
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(0)
+    elif torch.device(generator.device).type != device.type:
+        raise HDLMError(f"the generator is on {generator.device} but the model is on {device}: "
+                        f"make it with torch.Generator(device='{device}')")
+    B, d, shift = int(batch_size), hs.d, cfg.shift
+    prompt = _prompt_tensor(prompt, B, d, process.N, device)
+    P = 0 if prompt is None else prompt.shape[1]
+    ar = hs.levels == 1 and shift == 1  # Quench + SHIFTED: the model is an AR model (as trained)
+    kw = dict(settled_attention=cfg.settled_attention, block_width=hs.width)
+
+    was_training = model.training
+    model.eval()
+    try:
+        x = process.prior((B, d), generator=generator, device=device)
+        if P:
+            x[:, :P] = prompt
+        # Flat without a prompt never settles anything before the end: nothing to cache
+        settles = ar or P > 0 or int(hs.splits()[0].max()) > 0
+        cache = model.new_cache(B, d + shift, device=device) if kv_cache and settles else None
+        committed = 0  # clean cells in the cache: those predicting positions [0, committed)
+        steps: list[TraceStep] | None = [] if trace else None
+        calls = 0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        bar = _progress(hs.T, progress)
+        for t in range(hs.T):
+            settled_end, active_end = hs.split(t)
+            settled_end = max(settled_end, P)
+            called = active_end > settled_end
+            if steps is not None:
+                steps.append(TraceStep(t, settled_end, max(active_end, settled_end), x.cpu(), called))
+            if called:
+                x, n_cells, n_cached, committed = _step(model, process, hs, sampler, x, t, settled_end, active_end,
+                                                        P, shift, ar, cache, committed, kw, generator, callback)
+                calls += 1
+            bar.update(1)
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - start
+    finally:
+        model.train(was_training)
+    generated = B * (d - P)
+    return GenerationResult(tokens=x, n_model_calls=calls, wall_time=wall,
+                            tokens_per_s=generated / wall if wall > 0 else float("inf"),
+                            steps=hs.T, prompt_len=P, sampler=sampler.name, hyperschedule=hs, trace=steps)
+
+
+def _step(model, process, hs, sampler, x, t, settled_end, active_end, P, shift, ar, cache, committed, kw,
+          generator, callback):
+    """One model call and one sampler step; returns (x, cells run, cells cached, committed)."""
+    device = x.device
+    level_now = hs.level_at_step(t, torch.float64).to(device)
+    level_next = hs.level_at_step(t + 1, torch.float64).to(device)
+    level_now[:P] = 0.0  # the prompt is settled at every step
+    level_next[:P] = 0.0
+    clean_from = committed if cache is not None else 0
+    cells, out_index = inference_cells(x, level_now, settled_end, active_end, process, shift,
+                                       clean_from=clean_from, ar=ar, **kw)
+    n_cached = committed if cache is not None else 0
+    kv_layout = cells.layout
+    commit = 0
+    if cache is not None:
+        if committed:
+            kv_layout = concat_layouts(clean_layout(committed, shift, device=device, **kw), cells.layout)
+        clean_end = committed + cells.n_clean
+        commit = max(0, _final_clean(clean_end, hs.d, kw["settled_attention"], kw["block_width"]) - committed)
+    # SDPA with a boolean mask on every device: the step shapes change every step, and a compiled
+    # FlexAttention kernel would be recompiled for each new shape; the masks here are small.
+    mask = dense_mask(cells.layout, kv_layout, device=device)
+    raw = model(cells.tokens, cells.sigma, cells.positions, mask, keep=cells.keep, out_index=out_index,
+                cache=cache, commit=commit)
+    committed += commit  # the model advanced the cache by `commit`; later cells get overwritten
+    x_act = x[:, settled_end:active_end]
+    new = sampler.step(raw, x_act, level_now[settled_end:active_end], level_next[settled_end:active_end], generator)
+    x = x.clone()
+    x[:, settled_end:active_end] = new
+    if callback is not None:
+        callback(StepInfo(t, settled_end, active_end, raw, x_act, new, len(cells.layout), n_cached))
+    return x, len(cells.layout), n_cached, committed
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    """A tqdm bar on a terminal (none in pipes, logs and tests)."""
+    if not enabled or not sys.stderr.isatty():
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sampling", unit="step", leave=False)

@@ -1,0 +1,143 @@
+"""A pipeline object for users who only want to sample (GIDD-style; DESIGN.md §10).
+
+    pipe = HDLMPipeline.from_pretrained("runs/owt/step-00100000")
+    texts = pipe.generate(4, prompt="The meaning of life is", schedule="block", rho=2, seed=0)
+
+The checkpoint's config supplies the model, the process, the hyperschedule (overridable per
+call: kind, width, ρ, steps) and the sampling defaults (``config.sample``); its tokenizer
+identity is checked against the tokenizer loaded by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import HDLMError
+from .generate import GenerationResult, generate
+from .samplers import make_sampler
+
+
+def resolve_device(device: Any = None) -> torch.device:
+    """None / "auto": the first CUDA device when there is one, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HDLMError(f"device '{device}': not a torch device (cpu, cuda, cuda:K)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HDLMError(f"device '{device}': CUDA is not available on this machine")
+    return dev
+
+
+def _merge(results: list[GenerationResult]) -> GenerationResult:
+    """One result for several batches: tokens stacked, calls and times summed, first batch's trace."""
+    wall = sum(r.wall_time for r in results)
+    tokens = torch.cat([r.tokens.cpu() for r in results])
+    generated = tokens.shape[0] * (tokens.shape[1] - results[0].prompt_len)
+    return GenerationResult(tokens=tokens, n_model_calls=sum(r.n_model_calls for r in results), wall_time=wall,
+                            tokens_per_s=generated / wall if wall > 0 else float("inf"), steps=results[0].steps,
+                            prompt_len=results[0].prompt_len, sampler=results[0].sampler,
+                            hyperschedule=results[0].hyperschedule, trace=results[0].trace)
+
+
+class HDLMPipeline:
+    """A trained model with its process, tokenizer and defaults, ready to sample."""
+
+    def __init__(self, model, config, tokenizer, device: Any = None) -> None:
+        from ..processes import make_process
+
+        self.device = resolve_device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.process = make_process(config.process, model.n_real)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: Any = None) -> "HDLMPipeline":
+        """Load a pretrained / checkpoint / run folder (EMA weights when present)."""
+        from ..checkpoint import from_pretrained
+        from ..tokenizers import load_tokenizer
+
+        dev = resolve_device(device)
+        model, cfg, identity = from_pretrained(path, device=dev)
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        tokenizer.check_matches(identity)
+        return cls(model, cfg, tokenizer, dev)
+
+    @property
+    def length(self) -> int:
+        return self.config.model.length
+
+    def hyperschedule(self, schedule: str | None = None, *, width: int | None = None, rho: float | None = None,
+                      steps: int | None = None):
+        """The checkpoint's hyperschedule, or another one of length d (§3.1): ``schedule`` kind,
+        ``width`` ω (block/slide), ``rho`` ρ, ``steps`` T (flat). Unset values come from the config
+        where they apply to the chosen kind."""
+        from ..hyperschedule import make_hyperschedule
+
+        sc = self.config.schedule
+        kind = schedule or sc.kind
+        same = kind == sc.kind
+        if width is None and kind in ("block", "slide") and same:
+            width = sc.width
+        if steps is None and kind == "flat" and same:
+            steps = sc.steps
+        if rho is None and kind != "quench" and not (kind == "flat" and steps is not None):
+            rho = sc.rho
+        return make_hyperschedule(kind, self.length, width=width, rho=rho, steps=steps)
+
+    def encode_prompt(self, prompt: str | list[int] | None) -> torch.Tensor | None:
+        if prompt is None or (isinstance(prompt, str) and not prompt):
+            return None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if len(ids) >= self.length:
+            raise HDLMError(f"prompt has {len(ids)} tokens; it must be shorter than the sequence length "
+                            f"d = {self.length}")
+        return torch.tensor(ids, dtype=torch.long)
+
+    def generate_ids(self, num_samples: int | None = None, prompt: str | list[int] | None = None, *,
+                     schedule: str | None = None, width: int | None = None, rho: float | None = None,
+                     steps: int | None = None, sampler: str | None = None, eta: float | None = None,
+                     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                     seed: int | None = None, kv_cache: bool | None = None, batch_size: int | None = None,
+                     float64: bool | None = None, draw: str = "cdf", trace: bool = False,
+                     progress: bool = False) -> GenerationResult:
+        """Generate token ids (num_samples, d), prompt included; unset options come from ``config.sample``.
+
+        ``draw``: "cdf" (exact float64 inverse CDF) or "gumbel" (float64 Gumbel-max); ``float64=False``
+        reproduces the reference code's float32 Gumbel-max (App. F.2).
+        """
+        sc = self.config.sample
+        opts = replace(sc, **{k: v for k, v in dict(
+            sampler=sampler, eta=eta, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            kv_cache=kv_cache, num_samples=num_samples, batch_size=batch_size, float64_gumbel=float64).items()
+            if v is not None})
+        for name, value in (("num_samples", opts.num_samples), ("batch_size", opts.batch_size)):
+            if int(value) != value or value < 1:
+                raise HDLMError(f"{name} = {value!r}: must be a positive integer")
+        hs = self.hyperschedule(schedule, width=width, rho=rho, steps=steps)
+        smp = make_sampler(opts.sampler, self.process, hyperschedule=hs, eta=opts.eta,
+                           temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+                           float64=opts.float64_gumbel, method=draw)
+        ids = self.encode_prompt(prompt)
+        gen = torch.Generator(device=self.device).manual_seed(int(opts.seed))
+        results = []
+        remaining = int(opts.num_samples)
+        while remaining > 0:
+            b = min(int(opts.batch_size), remaining)
+            results.append(generate(self.model, self.process, hs, smp, b, prompt=ids, generator=gen,
+                                    kv_cache=opts.kv_cache, trace=trace and not results, progress=progress))
+            remaining -= b
+        return _merge(results)
+
+    def decode(self, tokens: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode(row) for row in tokens.tolist()]
+
+    def generate(self, num_samples: int | None = None, prompt: str | list[int] | None = None, **kwargs) -> list[str]:
+        """Generate texts (prompt included); keyword options as in :meth:`generate_ids`."""
+        return self.decode(self.generate_ids(num_samples, prompt, **kwargs).tokens)
