@@ -23,14 +23,21 @@ from hdlm.model import HDLMTransformer
 from hdlm.objective import build_objective
 
 
-def gemm_rate(n: int = 2048, reps: int = 5) -> float:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def gemm_rate(device: str, n: int = 2048, reps: int = 5) -> float:
     """Measured fp32 GEMM rate of this machine (FLOP/s), best of `reps`."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     best = 0.0
     for _ in range(reps):
+        _sync(device)
         t = time.perf_counter()
         a @ b
+        _sync(device)
         best = max(best, 2 * n**3 / (time.perf_counter() - t))
     return best
 
@@ -45,21 +52,23 @@ def step_flops(cfg, L: int, n_out: int, mask_true: int, B: int) -> float:
     return 3.0 * B * (per_cell * L + attn + head)
 
 
-def measure(cfg, single: bool, B: int, steps: int) -> dict:
+def measure(cfg, single: bool, B: int, steps: int, device: str = "cpu") -> dict:
     torch.manual_seed(0)
-    model = HDLMTransformer(cfg.model)
+    model = HDLMTransformer(cfg.model).to(device)
     obj = build_objective(cfg, cfg.model.vocab_size)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     d = cfg.model.length
-    y = torch.randint(cfg.model.vocab_size, (B, d))
+    y = torch.randint(cfg.model.vocab_size, (B, d), device=device)
     times, denoised, flops = [], 0, 0.0
     for k in range(steps + 1):
         seeds = torch.arange(B) + 1000 * k
+        _sync(device)
         t0 = time.perf_counter()
         loss, _ = obj(model, y, seeds, k, single=single)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        _sync(device)
         dt = time.perf_counter() - t0
         if k == 0:
             continue  # warm-up
@@ -84,9 +93,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=50257)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    rate = gemm_rate()
+    rate = gemm_rate(args.device)
     rows = []
     for div in (4, 16):
         width = args.length // div
@@ -94,13 +104,13 @@ def main() -> None:
                                  f"model.n_layers={args.layers}", f"model.hidden={args.hidden}", "model.n_heads=4",
                                  "model.dropout=0", "schedule.kind=block", f"schedule.width={width}",
                                  "process.kind=gamma"])
-        pair = [measure(cfg, single, args.batch, args.steps) for single in (False, True)]
+        pair = [measure(cfg, single, args.batch, args.steps, args.device) for single in (False, True)]
         speedup = pair[0]["denoised_tokens_per_s"] / pair[1]["denoised_tokens_per_s"]
         for r in pair:
             r.update(width=f"d/{div}", speedup_vs_single=speedup, gemm_fraction=r["gflops_per_s"] * 1e9 / rate)
             rows.append(r)
-    out = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                      f"torch {torch.__version__}",
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
+    out = {"machine": f"{platform.machine()}, {dev}, torch {torch.__version__}",
            "gemm_gflops": rate / 1e9, "length": args.length, "batch": args.batch,
            "model": f"{args.layers}x{args.hidden}, vocab {args.vocab}", "rows": rows}
     print(f"fp32 GEMM: {rate / 1e9:.1f} GFLOP/s ({out['machine']})")

@@ -457,3 +457,25 @@ def test_make_sampler_auto_and_errors():
                 lambda: make_sampler("ar", MDLM(N, NOISE), method="magic")]:
         with pytest.raises(HDLMError):
             bad()
+
+
+def test_posterior_sampler_draws_the_kernel_the_discrete_bound_certifies():
+    """One step of the ε posterior sampler has the law of epsilon_posterior_probs (the bound's kernel),
+    including the final step where revealed tokens are redrawn; for ε = 0 it is Algorithm 3's law."""
+    from hdlm.evaluation.likelihood import epsilon_posterior_probs
+    from hdlm.noise import Linear
+    from hdlm.processes import EpsilonHybrid
+    from hdlm.sampling import make_sampler
+
+    N, M = 4, 40000
+    proc = EpsilonHybrid(N, Linear(1e-3), epsilon=0.2)
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randn(1, 1, N, dtype=torch.float64).expand(M, 2, N)
+    x = torch.tensor([N, 2]).expand(M, 2)  # a MASK and a revealed token
+    for s_now, s_next in [(0.6, 0.3), (0.3, 0.0)]:
+        out = make_sampler("posterior", proc).step(raw, x, s_now, s_next, gen)
+        probs = epsilon_posterior_probs(proc, raw[:1], x[:1], s_now, s_next)[0]
+        for j in range(2):
+            freq = torch.bincount(out[:, j], minlength=N + 1).double() / M
+            assert torch.allclose(freq, probs[j], atol=4.5 * (probs[j] * (1 - probs[j]) / M).sqrt().max() + 1e-12)
+    assert make_sampler("posterior", EpsilonHybrid(N, Linear(1e-3), epsilon=0.0)).name == "posterior"

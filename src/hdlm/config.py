@@ -135,7 +135,7 @@ class TrainConfig:
 class SampleConfig:
     """Generation (paper §3.4, App. D)."""
 
-    sampler: str = _f("auto", choices=("auto", "analytic", "euler", "ancestral", "acs", "ar"))
+    sampler: str = _f("auto", choices=("auto", "analytic", "euler", "ancestral", "acs", "posterior", "ar"))
     eta: float = _f(0.01, lo=0.0, hi=1.0, help="ACS correction strength")
     temperature: float = _f(1.0, lo=0.0, lo_open=True)
     top_k: int = _f(0, lo=0)

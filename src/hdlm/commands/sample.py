@@ -19,7 +19,7 @@ import sys
 from ..errors import HDLMError
 
 SCHEDULE_KINDS = ("quench", "flat", "block", "slide")
-SAMPLER_NAMES = ("auto", "analytic", "euler", "ancestral", "acs", "ar")
+from ..sampling.samplers import SAMPLERS as SAMPLER_NAMES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

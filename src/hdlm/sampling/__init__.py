@@ -11,6 +11,7 @@ from .pipeline import HDLMPipeline, resolve_device
 from .samplers import (
     SAMPLERS,
     AncestralSampler,
+    PosteriorSampler,
     ARSampler,
     Categorical,
     Sampler,
@@ -22,7 +23,7 @@ from .samplers import (
 )
 
 __all__ = [
-    "SAMPLERS", "AncestralSampler", "ARSampler", "Categorical", "GenerationResult", "HDLMPipeline", "Sampler",
+    "SAMPLERS", "AncestralSampler", "ARSampler", "Categorical", "GenerationResult", "HDLMPipeline", "PosteriorSampler", "Sampler",
     "ScoreSampler", "StepInfo", "TraceStep", "generate", "gumbel_max_draw", "inverse_cdf_draw", "make_sampler",
     "resolve_device", "shape_log_probs",
 ]

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..errors import HDLMError
 
-SAMPLERS = ("auto", "analytic", "euler", "ancestral", "acs", "ar")
+SAMPLERS = ("auto", "analytic", "euler", "ancestral", "acs", "posterior", "ar")
 DRAW_METHODS = ("cdf", "gumbel")
 
 
@@ -308,6 +308,22 @@ class AncestralSampler(Sampler):
             out[fix] = self.categorical.draw(self._clean_probs(raw[fix]), generator)
 
 
+class PosteriorSampler(Sampler):
+    """ε family: the posterior-mean kernel Σ_ŷ q(x_{t+1} | x_t, ŷ) p̂(ŷ | x_t) whose NLL the discrete
+    perplexity bound certifies (docs/likelihood.md). For ε = 0 it is Algorithm 3; for ε > 0 a MASK
+    is revealed to (1 − ε) p̂ + ε/N and revealed tokens are redrawn from p̂ at their last step.
+    """
+
+    name = "posterior"
+
+    def _update(self, out, raw, x, s_now, s_next, moving, generator) -> None:
+        from ..evaluation.likelihood import epsilon_posterior_probs
+
+        rows = moving.nonzero(as_tuple=True)
+        probs = epsilon_posterior_probs(self.process, raw[rows], x[rows], s_now[rows], s_next[rows])
+        out[rows] = self.categorical.draw(probs, generator)
+
+
 class ARSampler(Sampler):
     """Autoregressive decoding: each moving position is drawn from softmax(raw) (temperature,
     top-k, top-p applied), whatever its current token.
@@ -351,4 +367,9 @@ def make_sampler(name: str, process, *, hyperschedule=None, eta: float = 0.01, t
             raise HDLMError(f"sampler '{name}' needs an epsilon-family (mean) process; "
                             f"{type(process).__name__} is '{family}': use analytic, euler or ar")
         return AncestralSampler(process, categorical, eta=eta if name == "acs" else 0.0)
+    if name == "posterior":
+        if family != "mean":
+            raise HDLMError(f"sampler 'posterior' needs an epsilon-family (mean) process; "
+                            f"{type(process).__name__} is '{family}'")
+        return PosteriorSampler(process, categorical)
     return ARSampler(process, categorical)
