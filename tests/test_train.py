@@ -249,7 +249,7 @@ def test_tiny_ptb_learns_below_unigram_entropy(assets, tmp_path):
 
     cfg = load_config("tiny-ptb", {"data.tokenizer": assets["tok"], "data.cache_dir": assets["cache"],
                                    "model.length": 64, "model.n_layers": 2, "model.hidden": 128, "model.n_heads": 4,
-                                   "model.pad_vocab_to": 8, "schedule.width": 4, "train.steps": 300,
+                                   "model.cond_dim": 128, "model.pad_vocab_to": 8, "schedule.width": 4, "train.steps": 300,
                                    "train.warmup": 20, "train.lr": 3e-3, "train.log_every": 50,
                                    "train.eval_every": 300, "train.save_every": 300, "train.eval_batches": 32,
                                    "train.device": "cpu", "train.out_dir": str(tmp_path / "ptb")})
