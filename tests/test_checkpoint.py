@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import string
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch
 
 import hdlm.checkpoint as ckpt_lib
 from hdlm.checkpoint import from_pretrained, load_checkpoint, save_checkpoint, save_pretrained
+from conftest import char_tokenizer_dir
 from hdlm.config import load_config
 from hdlm.errors import HDLMError
 from hdlm.model import HDLMTransformer
@@ -201,20 +201,6 @@ def test_tied_embeddings_save(tmp_path):
     loaded, _, _ = from_pretrained(path)
     for name, t in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
-
-
-def char_tokenizer_dir(folder):
-    """A character-level HF tokenizer (N = 48, EOS '<eos>') saved as folder/tokenizer.json."""
-    import tokenizers as hf
-
-    chars = list(string.ascii_lowercase + string.digits + " .,'-$&<>N")
-    vocab = {"<eos>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
-    tk = hf.Tokenizer(hf.models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = hf.pre_tokenizers.Split(hf.Regex("."), behavior="isolated")
-    tk.add_special_tokens([hf.AddedToken("<eos>", special=True)])
-    folder.mkdir(parents=True, exist_ok=True)
-    tk.save(str(folder / "tokenizer.json"))
-    return folder
 
 
 def test_init_from_refuses_a_mismatched_tokenizer(tmp_path):

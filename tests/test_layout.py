@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hdlm.config import load_config
-from hdlm.layout import inference_cells, training_cells
+from hdlm.layout import inference_cells
 from hdlm.masks import clean_layout, concat_layouts, dense_mask, interval_layout, naive_attention
 from hdlm.model import HDLMTransformer
 from hdlm.objective import build_objective

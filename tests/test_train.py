@@ -6,7 +6,6 @@ import json
 import os
 import random
 import socket
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -16,26 +15,13 @@ import pytest
 import torch
 
 from hdlm.checkpoint import load_checkpoint
+from conftest import char_tokenizer_dir
 from hdlm.config import load_config
 from hdlm.errors import HDLMError
 from hdlm.train import _global_indices, batch_seed, lr_factor, micro_batch_size, sample_seeds, train
 
 WORDS = ("the cat dog sat ran on a mat hat big small red blue and then it was here there one two "
          "three new old man saw").split()
-
-
-def char_tokenizer_dir(folder: Path) -> Path:
-    """A character-level HF tokenizer (N = 48, EOS '<eos>') saved as folder/tokenizer.json."""
-    import tokenizers as hf
-
-    chars = list(string.ascii_lowercase + string.digits + " .,'-$&<>N")
-    vocab = {"<eos>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
-    tk = hf.Tokenizer(hf.models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = hf.pre_tokenizers.Split(hf.Regex("."), behavior="isolated")
-    tk.add_special_tokens([hf.AddedToken("<eos>", special=True)])
-    folder.mkdir(parents=True, exist_ok=True)
-    tk.save(str(folder / "tokenizer.json"))
-    return folder
 
 
 @pytest.fixture(scope="module")

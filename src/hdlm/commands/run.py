@@ -57,16 +57,23 @@ def write_report(out: Path, res: dict, command: str, unigram: dict | None) -> Pa
         f"{res['eval_data']['sequences']} sequences, {res['eval_data']['tokens']:,} tokens.", "",
         "| estimator | NLL/token | perplexity bound | 95% interval | MC draws |", "|---|---|---|---|---|",
     ]
+    notes = []
     for est, b in res["bounds"].items():
         lines.append(f"| {est} | {b['nll_per_token']:.4f} ± {b['stderr']:.4f} | **{b['ppl']:.1f}** | "
                      f"{b['ppl_low']:.1f} – {b['ppl_high']:.1f} | {b['mc_samples']} |")
+        if b.get("n_infinite"):
+            notes.append(f"`{est}`: {b['n_infinite']} of {b['n_sequences'] * b['mc_samples']} draws were infinite: "
+                         "the analytic (Tweedie) step clamps negative weights to zero, so the sampler can give "
+                         "probability 0 to the data token; the bound of that sampler is then honestly infinite "
+                         "(docs/likelihood.md).")
+    lines += [""] + notes if notes else []
     if unigram:
         lines += ["", f"Reference: add-one unigram perplexity of the same test tokens (fitted on train, "
                       f"one EOS per line): **{unigram['ppl']:.1f}**."]
     lines += ["", "`discrete` bounds the NLL of the T-step sampler that generates the samples below; "
                   "`continuous` is Algorithm 1 on the training NELBO (the paper's estimator). See docs/likelihood.md.",
               "", "## Samples", "",
-              "| setting | steps | model calls | tokens/s | gen. PPL (token-weighted) | gen. PPL (mean per sample) | entropy |",
+              "| setting | steps | model calls (all batches) | tokens/s | gen. PPL (token-weighted) | gen. PPL (mean per sample) | entropy |",
               "|---|---|---|---|---|---|---|"]
     for s in res["samples"]:
         gp = s.get("gen_ppl", {})

@@ -35,10 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
                    help="auto: analytic (gamma family), ancestral (epsilon family), ar (quench)")
     p.add_argument("--eta", type=float, default=None, metavar="E", help="ACS correction strength eta")
-    p.add_argument("--temperature", type=float, default=None, metavar="X")
+    p.add_argument("--temperature", type=float, default=None, metavar="X", help="sampling temperature (1 = off)")
     p.add_argument("--top-k", type=int, default=None, metavar="K", help="keep the K most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling (1 = off)")
-    p.add_argument("--seed", type=int, default=None, metavar="S")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed: the same seed gives the same text on the same device")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:K (default: auto)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the settled prefix at every step")
     p.add_argument("--float32-gumbel", action="store_true",

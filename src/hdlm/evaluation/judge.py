@@ -24,7 +24,6 @@ beyond the first window, with at least ``max_length // 2`` tokens of context.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -241,11 +240,9 @@ def smollm2_gguf_path() -> Path:
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from ..checkpoint import sha256_file
+
+    return sha256_file(path)
 
 
 def _convert_gguf(path: Path, out: Path) -> None:
