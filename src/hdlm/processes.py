@@ -324,12 +324,13 @@ class GammaHybrid(Process):
         log_other_safe = torch.where(moved, log_other, torch.zeros_like(log_other))
         zero = torch.zeros_like(sigma_bar)
 
-        lsm = torch.log_softmax(raw, dim=-1)
+        # log p_y, log p_x and sum_z log p_z from one gather and one logsumexp: the (..., N)
+        # log-softmax is never materialised and its backward fills one zero tensor, not two
+        lse = torch.logsumexp(raw, dim=-1)
         is_mask = x == self.mask_id
         x_real = torch.where(is_mask, y, x)
-        lsm_y = lsm.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        lsm_x = lsm.gather(-1, x_real.unsqueeze(-1)).squeeze(-1)
-        lsm_sum = lsm.sum(-1)
+        lsm_y, lsm_x = (raw.gather(-1, torch.stack([y, x_real], -1)) - lse.unsqueeze(-1)).unbind(-1)
+        lsm_sum = raw.sum(-1) - n * lse
         lsm_sum_safe = torch.where(moved, lsm_sum, zero)  # multiplied by q_other = 0 otherwise
 
         # x = MASK: (1-gamma) a/(1-a) KL(q || p)
