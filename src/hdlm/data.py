@@ -79,7 +79,8 @@ def _read_txt(path: Path, text_field: str) -> Iterator[str]:
         yield from nonempty_lines(f)
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-empty line of a JSONL file; one clear error for a bad line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -88,9 +89,16 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise HDLMError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise HDLMError(f"{path}:{lineno}: no field '{text_field}' (set data.text_field)")
-            yield str(record[text_field])
+            if not isinstance(record, dict):
+                raise HDLMError(f"{path}:{lineno}: expected a JSON object")
+            yield lineno, record
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    for lineno, record in iter_jsonl(path):
+        if text_field not in record:
+            raise HDLMError(f"{path}:{lineno}: no field '{text_field}' (set data.text_field)")
+        yield str(record[text_field])
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:

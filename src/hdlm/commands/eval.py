@@ -127,14 +127,10 @@ def read_samples(path: str | Path) -> list[dict]:
         raise HDLMError(f"samples file '{path}' not found")
     records = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise HDLMError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        from ..data import iter_jsonl
+
+        for n, obj in iter_jsonl(path):
+            if not isinstance(obj.get("text"), str):
                 raise HDLMError(f"{path}:{n}: expected an object with a string 'text' field")
             ids = obj.get("token_ids")
             if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
