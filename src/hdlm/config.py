@@ -21,6 +21,13 @@ from .errors import HDLMError
 
 INF = math.inf
 
+# The vocabularies of an experiment, in one place (the CLI reads them without importing torch).
+SCHEDULE_KINDS = ("quench", "flat", "block", "slide")  # Fig. 2
+WINDOWED_KINDS = ("block", "slide")  # the kinds with a window width omega
+PROCESS_KINDS = ("absorb", "uniform", "gamma", "epsilon", "mdlm")
+NOISE_KINDS = ("loglinear", "linear", "geometric", "cosine")
+SAMPLER_NAMES = ("auto", "analytic", "euler", "ancestral", "acs", "posterior", "ar")
+
 
 def _f(default: Any, *, lo: float | None = None, hi: float | None = None, choices: tuple | None = None,
        lo_open: bool = False, help: str = "") -> Any:
@@ -61,11 +68,11 @@ class ModelConfig:
 class ProcessConfig:
     """The noising process (paper §2.2, §3.2, App. A)."""
 
-    kind: str = _f("gamma", choices=("absorb", "uniform", "gamma", "epsilon", "mdlm"))
+    kind: str = _f("gamma", choices=PROCESS_KINDS)
     gamma: float = _f(0.01, lo=0.0, hi=1.0, help="gamma-hybrid mix: 0 = absorb, 1 = uniform")
     epsilon: float = _f(0.01, lo=0.0, hi=1.0, lo_open=False, help="epsilon-hybrid substitution probability")
     lam: float = _f(1.0, lo=0.0, help="lambda of the HDCE weights, Eq. (9)")
-    noise: str = _f("loglinear", choices=("loglinear", "linear", "geometric", "cosine"))
+    noise: str = _f("loglinear", choices=NOISE_KINDS)
     noise_eps: float = _f(1e-3, lo=0.0, hi=1.0, lo_open=True)
     sigma_min: float = _f(1e-4, lo=0.0, lo_open=True)
     sigma_max: float = _f(20.0, lo=0.0, lo_open=True)
@@ -75,7 +82,7 @@ class ProcessConfig:
 class ScheduleConfig:
     """The hyperschedule (paper §3.1)."""
 
-    kind: str = _f("block", choices=("quench", "flat", "block", "slide"))
+    kind: str = _f("block", choices=SCHEDULE_KINDS)
     width: Optional[int] = _f(None, lo=1, help="window width omega (block/slide); default d/4")
     rho: float = _f(1.0, lo=0.0, lo_open=True, help="generation rate rho (tokens per step)")
     steps: Optional[int] = _f(None, lo=1, help="flat: number of steps T (default d/rho)")
@@ -135,7 +142,7 @@ class TrainConfig:
 class SampleConfig:
     """Generation (paper §3.4, App. D)."""
 
-    sampler: str = _f("auto", choices=("auto", "analytic", "euler", "ancestral", "acs", "posterior", "ar"))
+    sampler: str = _f("auto", choices=SAMPLER_NAMES)
     eta: float = _f(0.01, lo=0.0, hi=1.0, help="ACS correction strength")
     temperature: float = _f(1.0, lo=0.0, lo_open=True)
     top_k: int = _f(0, lo=0)

@@ -28,12 +28,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .config import SCHEDULE_KINDS as KINDS
 from .errors import HDLMError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import ScheduleConfig
-
-KINDS = ("quench", "flat", "block", "slide")
 
 
 @dataclass(frozen=True, eq=False)

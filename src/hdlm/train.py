@@ -33,45 +33,27 @@ from torch import Tensor, nn
 
 from .checkpoint import Checkpoint, list_checkpoints, load_checkpoint, load_weights, save_checkpoint, unwrap_model
 from .config import Config, TrainConfig
+from . import runtime as _runtime
 from .errors import HDLMError
+from .runtime import (Dist, Stream, autocast, mix_seed, resolve_device, rng_state, seed_everything, set_rng_state,
+                      setup_distributed, small_seed)
 
 KEEP_CHECKPOINTS = 2
 METRICS_FILE = "metrics.jsonl"
 
-# --------------------------------------------------------------------------------------------
-# seeds: a 64-bit mix (SplitMix64 finaliser) of (seed, purpose, step, index)
-
-_M64 = (1 << 64) - 1
-_TRAIN, _BATCH, _EVAL, _EVAL_BATCH, _TORCH = 1, 2, 3, 4, 5
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-def mix_seed(*values: int) -> int:
-    """A deterministic 63-bit hash of a tuple of integers (non-negative, fits an int64)."""
-    h = 0
-    for v in values:
-        h = _splitmix64(h ^ (int(v) & _M64))
-    return h >> 1
-
-
-SEED_BITS = 32  # seeds handed to the objective stay small, so it may offset or scale them freely
+SEED_BITS = _runtime.SEED_BITS
+_TRAIN, _BATCH, _EVAL, _EVAL_BATCH, _TORCH = (Stream.TRAIN_SAMPLE, Stream.TRAIN_BATCH, Stream.EVAL_SAMPLE,
+                                              Stream.EVAL_BATCH, Stream.TORCH)
 
 
 def sample_seeds(seed: int, step: int, indices: Tensor | list[int], purpose: int = _TRAIN) -> Tensor:
     """Per-sample seeds (B,) int64 in [0, 2^32) for global batch indices ``indices`` at ``step``."""
-    return torch.tensor([mix_seed(seed, purpose, step, g) >> (63 - SEED_BITS) for g in list(map(int, indices))],
-                        dtype=torch.int64)
+    return torch.tensor([small_seed(seed, purpose, step, g) for g in list(map(int, indices))], dtype=torch.int64)
 
 
 def batch_seed(seed: int, step: int, purpose: int = _BATCH) -> int:
     """The seed in [0, 2^32) of the randomness shared by the batch of ``step`` (same on every rank)."""
-    return mix_seed(seed, purpose, step) >> (63 - SEED_BITS)
+    return small_seed(seed, purpose, step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,74 +117,6 @@ class EMA:
 # processes and devices
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    active: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.active:
-            torch.distributed.barrier()
-
-    def mean(self, values: list[float], device: torch.device) -> list[float]:
-        """Average python floats over ranks (float64 so the average does not round differently)."""
-        if not self.active:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        return (t / self.world).tolist()
-
-    def gather(self, obj: Any) -> list[Any]:
-        if not self.active:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → CUDA (this process's GPU) when available, else CPU; or an explicit device."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise HDLMError(f"config train.device = {spec!r}: not a device (auto | cpu | cuda | cuda:K)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise HDLMError(f"config train.device = {spec!r}: CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    return device
-
-
-def setup_distributed(device_spec: str) -> Dist:
-    """Join the process group when launched with WORLD_SIZE > 1 (torchrun sets the env vars)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available())
-    if cuda:
-        torch.cuda.set_device(local)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-    return Dist(rank=rank, world=world, local_rank=local, active=True)
-
-
-def autocast(device: torch.device, dtype: str):
-    """bf16 autocast on CUDA (or when asked); fp32 elsewhere (bf16 matmul is slow on CPUs, DESIGN §9)."""
-    bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
 def micro_batch_size(tc: TrainConfig, world: int) -> int:
     """Per-rank micro-batch = global batch / (world · grad_accum); an error when not divisible."""
     if tc.batch_size % (world * tc.grad_accum):
@@ -251,25 +165,6 @@ def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: di
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(unwrap_model(model), opt, optim_state_dict=state, options=_state_options())
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,8 +313,9 @@ def _train(cfg: Config, dist: Dist, resume: str | None, stop_after: int | None) 
     from .tokenizers import load_tokenizer
 
     tc = cfg.train
-    device = resolve_device(tc.device, dist.local_rank)
+    device = resolve_device(tc.device, dist.local_rank, name="config train.device")
     if device.type == "cuda":
+        torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32
     micro = micro_batch_size(tc, dist.world)
     per_rank = micro * tc.grad_accum
@@ -586,21 +482,7 @@ def _train(cfg: Config, dist: Dist, resume: str | None, stop_after: int | None) 
             "out_dir": str(out_dir), "checkpoint": str(ckpt_path) if ckpt_path else None}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m hdlm.train`` / ``torchrun -m hdlm.train``: the arguments of ``hdlm train``."""
-    import argparse
+if __name__ == "__main__":  # `python -m hdlm.train ...` is `hdlm train ...` (an entry point: the library never imports the CLI)
+    from hdlm.cli import main as _cli_main
 
-    from .commands import train as command
-
-    parser = argparse.ArgumentParser(prog="python -m hdlm.train", description=__doc__.strip().splitlines()[0])
-    command.add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return int(command.run(args) or 0)
-    except HDLMError as e:
-        print(f"hdlm train: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli_main(["train", *sys.argv[1:]]))

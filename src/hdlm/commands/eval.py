@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..config import SCHEDULE_KINDS
 from ..errors import HDLMError
 
 DEFAULT_CACHE = ".hdlm_cache"
@@ -46,9 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", metavar="DIR", help="sample from this checkpoint first, then judge the samples")
     gen.add_argument("--num-samples", type=int, default=None, metavar="N",
                      help="with --checkpoint: how many samples to generate (default: the sampler's)")
-    gen.add_argument("--schedule", default=None, metavar="KIND",
-                     help="with --checkpoint: hyperschedule kind to sample with (quench|flat|block|slide; "
-                          "default: the checkpoint's)")
+    gen.add_argument("--schedule", default=None, choices=SCHEDULE_KINDS,
+                     help="with --checkpoint: hyperschedule kind to sample with (default: the checkpoint's)")
     gen.add_argument("--width", type=int, default=None, metavar="W",
                      help="with --checkpoint: window width omega (default: the checkpoint's)")
     gen.add_argument("--rho", type=float, default=None, metavar="R",
@@ -96,8 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="discrete (default: bound of the T-step sampler) or continuous (Alg. 1 training NELBO)")
     ppl.add_argument("--variational", default=None, metavar="NAME",
                      help="discrete estimator's noising chain: auto (default), forward or absorb")
-    ppl.add_argument("--schedule", default=None, metavar="KIND",
-                     help="hyperschedule kind to evaluate under (quench|flat|block|slide; default: the checkpoint's)")
+    ppl.add_argument("--schedule", default=None, choices=SCHEDULE_KINDS,
+                     help="hyperschedule kind to evaluate under (default: the checkpoint's)")
     ppl.add_argument("--width", type=int, default=None, metavar="W",
                      help="window width omega (default: the checkpoint's)")
     ppl.add_argument("--rho", type=float, default=None, metavar="R",

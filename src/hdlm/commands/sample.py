@@ -16,10 +16,8 @@ import argparse
 import json
 import sys
 
+from ..config import SAMPLER_NAMES, SCHEDULE_KINDS
 from ..errors import HDLMError
-
-SCHEDULE_KINDS = ("quench", "flat", "block", "slide")
-from ..sampling.samplers import SAMPLERS as SAMPLER_NAMES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ Examples::
     hdlm train --config owt-gamma-110m train.batch_size=64 --out runs/owt
     hdlm train --resume runs/owt                 # continue exactly where the last checkpoint left off
     hdlm train --config owt-gamma-block-stage2 --init-from runs/owt   # Stage 2 from a Stage-1 run
-    torchrun --nproc_per_node=8 -m hdlm.train --config owt-gamma-110m
+    torchrun --nproc_per_node=8 -m hdlm train --config owt-gamma-110m
 """
 
 from __future__ import annotations

@@ -17,21 +17,9 @@ from typing import Any
 import torch
 
 from ..errors import HDLMError
+from ..runtime import resolve_device
 from .generate import GenerationResult, generate
 from .samplers import make_sampler
-
-
-def resolve_device(device: Any = None) -> torch.device:
-    """None / "auto": the first CUDA device when there is one, else the CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise HDLMError(f"device '{device}': not a torch device (cpu, cuda, cuda:K)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HDLMError(f"device '{device}': CUDA is not available on this machine")
-    return dev
 
 
 def _merge(results: list[GenerationResult]) -> GenerationResult:

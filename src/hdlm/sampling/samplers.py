@@ -38,9 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..config import SAMPLER_NAMES as SAMPLERS
 from ..errors import HDLMError
 
-SAMPLERS = ("auto", "analytic", "euler", "ancestral", "acs", "posterior", "ar")
 DRAW_METHODS = ("cdf", "gumbel")
 
 
