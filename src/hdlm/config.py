@@ -27,6 +27,8 @@ WINDOWED_KINDS = ("block", "slide")  # the kinds with a window width omega
 PROCESS_KINDS = ("absorb", "uniform", "gamma", "epsilon", "mdlm")
 NOISE_KINDS = ("loglinear", "linear", "geometric", "cosine")
 SAMPLER_NAMES = ("auto", "analytic", "euler", "ancestral", "acs", "posterior", "ar")
+ESTIMATORS = ("discrete", "continuous")  # perplexity bounds (App. C.1)
+VARIATIONAL_CHAINS = ("auto", "forward", "absorb")  # the discrete bound's noising chain q
 
 
 def _f(default: Any, *, lo: float | None = None, hi: float | None = None, choices: tuple | None = None,

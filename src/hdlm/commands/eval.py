@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import SCHEDULE_KINDS
+from ..config import ESTIMATORS, SCHEDULE_KINDS, VARIATIONAL_CHAINS
 from ..errors import HDLMError
 
 DEFAULT_CACHE = ".hdlm_cache"
@@ -92,10 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="evaluation data: DATASET:SPLIT, e.g. ptb:test (default), hf:lm1b:test, or a local file")
     ppl.add_argument("--mc-samples", type=int, default=None, metavar="M",
                      help="Monte-Carlo draws per sequence (default: the estimator's)")
-    ppl.add_argument("--estimator", default=None, metavar="NAME",
+    ppl.add_argument("--estimator", default="discrete", choices=ESTIMATORS,
                      help="discrete (default: bound of the T-step sampler) or continuous (Alg. 1 training NELBO)")
-    ppl.add_argument("--variational", default=None, metavar="NAME",
+    ppl.add_argument("--variational", default="auto", choices=VARIATIONAL_CHAINS,
                      help="discrete estimator's noising chain: auto (default), forward or absorb")
+    ppl.add_argument("--no-stratify", action="store_true",
+                     help="draw each sequence's M steps independently (default: stratified over [0, T))")
     ppl.add_argument("--schedule", default=None, choices=SCHEDULE_KINDS,
                      help="hyperschedule kind to evaluate under (default: the checkpoint's)")
     ppl.add_argument("--width", type=int, default=None, metavar="W",
@@ -103,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--rho", type=float, default=None, metavar="R",
                      help="generation rate rho (default: the checkpoint's)")
     ppl.add_argument("--steps", type=int, default=None, metavar="T", help="flat only: number of steps T")
-    ppl.add_argument("--batch-size", type=int, default=None, metavar="B",
+    ppl.add_argument("--batch-size", type=int, default=8, metavar="B",
                      help="sequences per forward pass (default 8)")
     ppl.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the Monte-Carlo draws (default 0)")
     ppl.add_argument("--device", default=None, metavar="DEV", help="auto | cpu | cuda | cuda:K (default auto)")
@@ -286,13 +288,47 @@ def run_gen(args: argparse.Namespace) -> int:
 # ppl
 
 
-def run_ppl(args: argparse.Namespace) -> int:
+def _checkpoint_sha256(path) -> str | None:
+    from ..checkpoint import EMA_FILE, META_FILE, MODEL_FILE, resolve_checkpoint
+
+    folder = resolve_checkpoint(path)
     try:
-        from ..evaluation.likelihood import perplexity_bound_cli
-    except ModuleNotFoundError as e:
-        if e.name == "hdlm.evaluation.likelihood":
-            raise HDLMError("eval ppl is not available yet") from None
-        raise
-    except ImportError:  # the module exists but does not define the entry point yet
-        raise HDLMError("eval ppl is not available yet") from None
-    return int(perplexity_bound_cli(args) or 0)
+        sha = json.loads((folder / META_FILE).read_text()).get("sha256", {})
+    except (OSError, json.JSONDecodeError):
+        return None
+    return sha.get(EMA_FILE) or sha.get(MODEL_FILE)
+
+
+def run_ppl(args: argparse.Namespace) -> int:
+    """``hdlm eval ppl``: load a checkpoint and data, print a markdown table, optionally write JSON."""
+    from .. import __version__
+    from ..checkpoint import from_pretrained
+    from ..data import load_split
+    from ..evaluation.likelihood import perplexity_bound, resolve_data_spec
+    from ..hyperschedule import from_config
+    from ..runtime import resolve_device, setup_distributed
+    from ..tokenizers import load_tokenizer
+
+    dist = setup_distributed(args.device or "auto")
+    device = resolve_device(args.device, dist.local_rank if dist.active else None, name="--device")
+    model, cfg, tok_identity = from_pretrained(args.checkpoint, device=device)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer.check_matches(tok_identity)
+    data_cfg, split, label = resolve_data_spec(args.data, cfg.data)
+    dataset = load_split(data_cfg, split, tokenizer, cfg.model.length)
+    schedule = from_config(cfg.schedule, cfg.model.length, kind=args.schedule, width=args.width, rho=args.rho,
+                           steps=args.steps)
+    result = perplexity_bound(model, cfg, dataset, estimator=args.estimator, mc_samples=args.mc_samples,
+                              schedule=schedule, batch_size=args.batch_size, seed=args.seed, device=device,
+                              progress=True, variational=args.variational, stratified=not args.no_stratify)
+    if not dist.main:
+        return 0
+    print(result.to_markdown(label))
+    if args.json:
+        record = {"command": shlex.join(sys.argv), "checkpoint": str(args.checkpoint),
+                  "checkpoint_sha256": _checkpoint_sha256(args.checkpoint), "hdlm_version": __version__,
+                  "data": label, "seed": args.seed, **result.to_dict()}
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return 0

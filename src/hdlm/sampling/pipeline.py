@@ -64,20 +64,11 @@ class HDLMPipeline:
     def hyperschedule(self, schedule: str | None = None, *, width: int | None = None, rho: float | None = None,
                       steps: int | None = None):
         """The checkpoint's hyperschedule, or another one of length d (§3.1): ``schedule`` kind,
-        ``width`` ω (block/slide), ``rho`` ρ, ``steps`` T (flat). Unset values come from the config
-        where they apply to the chosen kind."""
-        from ..hyperschedule import make_hyperschedule
+        ``width`` ω (block/slide), ``rho`` ρ, ``steps`` T (flat), merged with the config by the one
+        rule of :func:`hdlm.hyperschedule.from_config` (shared with ``hdlm eval ppl``)."""
+        from ..hyperschedule import from_config
 
-        sc = self.config.schedule
-        kind = schedule or sc.kind
-        same = kind == sc.kind
-        if width is None and kind in ("block", "slide") and same:
-            width = sc.width
-        if steps is None and kind == "flat" and same:
-            steps = sc.steps
-        if rho is None and kind != "quench" and not (kind == "flat" and steps is not None):
-            rho = sc.rho
-        return make_hyperschedule(kind, self.length, width=width, rho=rho, steps=steps)
+        return from_config(self.config.schedule, self.length, kind=schedule, width=width, rho=rho, steps=steps)
 
     def encode_prompt(self, prompt: str | list[int] | None) -> torch.Tensor | None:
         if prompt is None or (isinstance(prompt, str) and not prompt):
