@@ -263,7 +263,7 @@ def test_cli_sample_json_out_and_trace(checkpoint, tmp_path, capsys):
     assert [s["ids"] for s in again["samples"]] == [s["ids"] for s in first["samples"]]
     assert png.exists() and png.stat().st_size > 1000
     assert cli_main(["sample", "--checkpoint", str(checkpoint), "--num-samples", "1", "--schedule", "slide",
-                     "--width", "4", "--sampler", "euler", "--top-p", "0.9", "--float32-gumbel", "--no-progress"]) == 0
+                     "--width", "4", "--sampler", "euler", "--top-p", "0.9", "--draw", "float32-gumbel", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "=== sample 0 ===" in text
     assert cli_main(["sample", "--checkpoint", str(tmp_path / "missing")]) == 2

@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 from .. import __version__
+from . import add_config_help
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_help(p)
     p.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE",
                    help="dotted config overrides, e.g. train.steps=200 schedule.width=8")
     p.add_argument("--config", default="tiny-ptb", help="preset name or YAML file (default: tiny-ptb)")

@@ -84,17 +84,18 @@ class HDLMPipeline:
                      steps: int | None = None, sampler: str | None = None, eta: float | None = None,
                      temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                      seed: int | None = None, kv_cache: bool | None = None, batch_size: int | None = None,
-                     float64: bool | None = None, draw: str = "cdf", trace: bool = False,
+                     draw: str | None = None, float64: bool | None = None, trace: bool = False,
                      progress: bool = False) -> GenerationResult:
         """Generate token ids (num_samples, d), prompt included; unset options come from ``config.sample``.
 
-        ``draw``: "cdf" (exact float64 inverse CDF) or "gumbel" (float64 Gumbel-max); ``float64=False``
-        reproduces the reference code's float32 Gumbel-max (App. F.2).
+        ``draw``: "cdf" (exact float64 inverse CDF), "gumbel" (float64 Gumbel-max) or "float32-gumbel"
+        (the reference code's draws, App. F.2; ``float64=False`` is an older spelling of it).
         """
         sc = self.config.sample
         opts = replace(sc, **{k: v for k, v in dict(
             sampler=sampler, eta=eta, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            kv_cache=kv_cache, num_samples=num_samples, batch_size=batch_size, float64_gumbel=float64).items()
+            kv_cache=kv_cache, num_samples=num_samples, batch_size=batch_size,
+            draw="float32-gumbel" if float64 is False else draw).items()
             if v is not None})
         for name, value in (("num_samples", opts.num_samples), ("batch_size", opts.batch_size)):
             if int(value) != value or value < 1:
@@ -102,7 +103,7 @@ class HDLMPipeline:
         hs = self.hyperschedule(schedule, width=width, rho=rho, steps=steps)
         smp = make_sampler(opts.sampler, self.process, hyperschedule=hs, eta=opts.eta,
                            temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
-                           float64=opts.float64_gumbel, method=draw)
+                           method=opts.draw)
         ids = self.encode_prompt(prompt)
         gen = torch.Generator(device=self.device).manual_seed(int(opts.seed))
         results = []

@@ -39,11 +39,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..config import DRAW_METHODS
 from ..config import SAMPLER_NAMES as SAMPLERS
 from ..errors import HDLMError
 from ..processes.base import levels64
 
-DRAW_METHODS = ("cdf", "gumbel")
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,9 +109,9 @@ def gumbel_max_draw(probs: Tensor, generator: torch.Generator | None = None,
 class Categorical:
     """How samplers turn probabilities into tokens: shaping, then a draw.
 
-    ``method`` is "cdf" (exact float64 inverse CDF, the default) or "gumbel" (float64
-    Gumbel-max). ``float64=False`` selects the flawed float32 Gumbel-max of the reference code
-    whatever ``method`` says (App. F.2).
+    ``method`` is "cdf" (exact float64 inverse CDF, the default), "gumbel" (float64 Gumbel-max) or
+    "float32-gumbel", the flawed float32 Gumbel-max of the reference code (App. F.2);
+    ``float64=False`` is the same as "float32-gumbel" (and ``float64`` says which one is in use).
     """
 
     temperature: float = 1.0
@@ -130,6 +130,9 @@ class Categorical:
             raise HDLMError(f"sampling top_p = {self.top_p!r}: must be in (0, 1] (1 = off)")
         if self.method not in DRAW_METHODS:
             raise HDLMError(f"sampling draw method = {self.method!r}: must be one of {', '.join(DRAW_METHODS)}")
+        if self.method == "float32-gumbel" or not self.float64:
+            object.__setattr__(self, "method", "float32-gumbel")
+            object.__setattr__(self, "float64", False)
 
     @property
     def shapes(self) -> bool:
