@@ -8,7 +8,7 @@ masks, hyperschedule-driven samplers and the paper's evaluation.
 ``import hdlm`` stays light (no torch): :class:`HDLMPipeline` is imported on first use.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["HDLMPipeline", "__version__"]
 

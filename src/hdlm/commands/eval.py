@@ -229,7 +229,7 @@ def markdown_table(result: dict) -> str:
 
 
 def run_gen(args: argparse.Namespace) -> int:
-    from .. import __version__
+    from .._version import __version__
     from ..evaluation.judge import load_judge
     from ..evaluation.quality import generative_perplexity, mauve_score, token_entropy
 
@@ -301,7 +301,7 @@ def _checkpoint_sha256(path) -> str | None:
 
 def run_ppl(args: argparse.Namespace) -> int:
     """``hdlm eval ppl``: load a checkpoint and data, print a markdown table, optionally write JSON."""
-    from .. import __version__
+    from .._version import __version__
     from ..checkpoint import from_pretrained
     from ..data import load_split
     from ..evaluation.likelihood import perplexity_bound, resolve_data_spec

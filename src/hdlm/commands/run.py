@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .. import __version__
+from .._version import __version__
 from . import add_config_help
 
 
@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     res = run_experiment(cfg, out, plan, skip_training=args.reuse)
     unigram = None
     try:
-        from ..data import load_token_stream, unigram_stats
+        from ..data import load_token_stream
+        from ..evaluation.quality import unigram_stats
         from ..tokenizers import load_tokenizer
 
         if cfg.data.dataset == "ptb":
