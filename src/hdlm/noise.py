@@ -11,6 +11,7 @@ objects map that s to sigma_bar / alpha elementwise, so they accept tensors of a
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 
@@ -160,7 +161,5 @@ def make_noise(name: str, **kwargs) -> NoiseSchedule:
     if name not in NOISE_SCHEDULES:
         raise HDLMError(f"noise schedule '{name}': must be one of {sorted(NOISE_SCHEDULES)}")
     cls = NOISE_SCHEDULES[name]
-    import inspect
-
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     return cls(**{k: v for k, v in kwargs.items() if k in accepted})

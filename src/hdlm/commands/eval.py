@@ -16,7 +16,6 @@ block.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -25,8 +24,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import ESTIMATORS, SCHEDULE_KINDS, VARIATIONAL_CHAINS
+from ..config import ESTIMATORS, VARIATIONAL_CHAINS
 from ..errors import HDLMError
+from . import add_schedule_options
 
 DEFAULT_CACHE = ".hdlm_cache"
 DEFAULT_REFERENCE = "ptb:test"
@@ -47,12 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", metavar="DIR", help="sample from this checkpoint first, then judge the samples")
     gen.add_argument("--num-samples", type=int, default=None, metavar="N",
                      help="with --checkpoint: how many samples to generate (default: the sampler's)")
-    gen.add_argument("--schedule", default=None, choices=SCHEDULE_KINDS,
-                     help="with --checkpoint: hyperschedule kind to sample with (default: the checkpoint's)")
-    gen.add_argument("--width", type=int, default=None, metavar="W",
-                     help="with --checkpoint: window width omega (default: the checkpoint's)")
-    gen.add_argument("--rho", type=float, default=None, metavar="R",
-                     help="with --checkpoint: generation rate rho (default: the checkpoint's)")
+    add_schedule_options(gen, "with --checkpoint: ")
     gen.add_argument("--save-samples", metavar="FILE", default=None,
                      help="with --checkpoint: also write the generated samples to this .jsonl file")
     gen.add_argument("--judge", default=None, metavar="SPEC",
@@ -98,13 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="discrete estimator's noising chain: auto (default), forward or absorb")
     ppl.add_argument("--no-stratify", action="store_true",
                      help="draw each sequence's M steps independently (default: stratified over [0, T))")
-    ppl.add_argument("--schedule", default=None, choices=SCHEDULE_KINDS,
-                     help="hyperschedule kind to evaluate under (default: the checkpoint's)")
-    ppl.add_argument("--width", type=int, default=None, metavar="W",
-                     help="window width omega (default: the checkpoint's)")
-    ppl.add_argument("--rho", type=float, default=None, metavar="R",
-                     help="generation rate rho (default: the checkpoint's)")
-    ppl.add_argument("--steps", type=int, default=None, metavar="T", help="flat only: number of steps T")
+    add_schedule_options(ppl, "to evaluate under: ")
     ppl.add_argument("--batch-size", type=int, default=8, metavar="B",
                      help="sequences per forward pass (default 8)")
     ppl.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the Monte-Carlo draws (default 0)")
@@ -188,22 +177,13 @@ def reference_texts(spec: str, n: int, words: int) -> list[str]:
 
 
 def _sample_from_checkpoint(args: argparse.Namespace) -> list[dict]:
-    """Sample with :mod:`hdlm.sampling.pipeline` (``generate_samples_cli(args) -> [{"text", "token_ids"}]``)."""
-    try:
-        pipeline = importlib.import_module("hdlm.sampling.pipeline")
-    except ModuleNotFoundError as e:
-        if e.name in ("hdlm.sampling", "hdlm.sampling.pipeline"):
-            raise HDLMError("eval gen --checkpoint is not available yet (needs hdlm.sampling.pipeline); "
-                            "sample with 'hdlm sample' and pass --samples FILE") from None
-        raise
-    generate = getattr(pipeline, "generate_samples_cli", None)
-    if generate is None:
-        raise HDLMError("eval gen --checkpoint is not available yet (hdlm.sampling.pipeline has no "
-                        "generate_samples_cli); sample with 'hdlm sample' and pass --samples FILE")
-    records = [{"text": r["text"], "token_ids": r.get("token_ids")} for r in generate(args)]
-    if not records:
-        raise HDLMError("the sampler returned no samples")
-    return records
+    """``eval gen --checkpoint``: samples [{"text", "token_ids"}] from :class:`hdlm.sampling.HDLMPipeline`."""
+    from ..sampling.pipeline import HDLMPipeline
+
+    pipe = HDLMPipeline.from_pretrained(args.checkpoint, device=args.device)
+    result = pipe.generate_ids(args.num_samples, schedule=args.schedule, width=args.width, rho=args.rho,
+                               steps=args.steps, seed=args.seed, progress=True)
+    return [{"text": text, "token_ids": ids} for text, ids in zip(pipe.decode(result.tokens), result.tokens.tolist())]
 
 
 def _fmt(x: Any, digits: int = 2) -> str:

@@ -16,8 +16,9 @@ import argparse
 import json
 import sys
 
-from ..config import DRAW_METHODS, SAMPLER_NAMES, SCHEDULE_KINDS
+from ..config import DRAW_METHODS, SAMPLER_NAMES
 from ..errors import HDLMError
+from . import add_schedule_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,11 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=None, metavar="TEXT", help="condition on this text (settled from the start)")
     p.add_argument("--num-samples", type=int, default=None, metavar="N", help="number of samples (sample.num_samples)")
     p.add_argument("--batch-size", type=int, default=None, metavar="B", help="samples per batch (sample.batch_size)")
-    p.add_argument("--schedule", choices=SCHEDULE_KINDS, default=None,
-                   help="hyperschedule kind (default: the checkpoint's schedule.kind)")
-    p.add_argument("--width", type=int, default=None, metavar="W", help="window width omega (block/slide)")
-    p.add_argument("--rho", type=float, default=None, metavar="R", help="generation rate rho, tokens per step")
-    p.add_argument("--steps", type=int, default=None, metavar="T", help="number of steps T (flat only)")
+    add_schedule_options(p)
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
                    help="auto: analytic (gamma family), ancestral (epsilon family), ar (quench)")
     p.add_argument("--eta", type=float, default=None, metavar="E", help="ACS correction strength eta")

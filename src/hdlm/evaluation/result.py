@@ -145,9 +145,11 @@ def make_result(sums: NLLSums, *, estimator: str, mc_samples: int, schedule, pro
 
 
 def _exp(v: float) -> float:
-    if math.isnan(v):
-        return math.nan
-    return math.exp(v) if v < 700 else math.inf
+    """e^v, inf where it overflows a float (and nan stays nan)."""
+    try:
+        return math.exp(v)
+    except OverflowError:
+        return math.inf
 
 
 def _schedule_info(hs) -> dict:

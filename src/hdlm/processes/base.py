@@ -86,11 +86,6 @@ class Process(ABC):
     def mask_id(self) -> int:
         return self.N
 
-    @property
-    def num_states(self) -> int:
-        """N real tokens plus MASK."""
-        return self.N + 1
-
     # ---- continuous time: forward process and training loss -------------------------------
 
     @abstractmethod

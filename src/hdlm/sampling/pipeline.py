@@ -121,13 +121,3 @@ class HDLMPipeline:
     def generate(self, num_samples: int | None = None, prompt: str | list[int] | None = None, **kwargs) -> list[str]:
         """Generate texts (prompt included); keyword options as in :meth:`generate_ids`."""
         return self.decode(self.generate_ids(num_samples, prompt, **kwargs).tokens)
-
-
-def generate_samples_cli(args) -> list[dict]:
-    """Samples for ``hdlm eval gen --checkpoint DIR``: [{"text", "token_ids"}] (options read with defaults)."""
-    pipe = HDLMPipeline.from_pretrained(args.checkpoint, device=getattr(args, "device", None))
-    result = pipe.generate_ids(getattr(args, "num_samples", None), schedule=getattr(args, "schedule", None),
-                               width=getattr(args, "width", None), rho=getattr(args, "rho", None),
-                               seed=getattr(args, "seed", None), progress=True)
-    return [{"text": text, "token_ids": ids}
-            for text, ids in zip(pipe.decode(result.tokens), result.tokens.tolist())]
