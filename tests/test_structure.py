@@ -178,6 +178,9 @@ def test_python_dash_m_hdlm_and_lazy_pipeline():
     out = subprocess.run([sys.executable, "-m", "hdlm", "--version"], capture_output=True, text=True, env=env,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("hdlm ")
+    for entry in (["-m", "hdlm", "train", "--help"], ["-m", "hdlm.train", "--help"]):  # torchrun -m hdlm train
+        out = subprocess.run([sys.executable, *entry], capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0 and out.stdout.startswith("usage: hdlm train"), (entry, out.stderr)
     out = subprocess.run([sys.executable, "-m", "hdlm", "train", "train.lrr=1"], capture_output=True, text=True,
                          env=env, timeout=120)
     assert out.returncode == 2 and "did you mean 'lr'" in out.stderr and "Traceback" not in out.stderr
