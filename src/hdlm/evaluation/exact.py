@@ -14,14 +14,21 @@ from ..processes import cross_entropy
 from .discrete import ReverseChain, position_chunks
 
 
+def ar_raw(chain: ReverseChain, y: Tensor) -> Tensor:
+    """Raw outputs (B, L, N) of a Quench + SHIFTED model at every position of y (B, L), L ≤ d: output i
+    is the next-token logits of position i given y_{<i} (position 0 from the BOS cell), one forward pass."""
+    L = y.shape[1]
+    level = torch.ones(L, dtype=torch.float64, device=y.device)
+    cells, out_index = inference_cells(y, level, 0, L, chain.process, 1, ar=True,
+                                       settled_attention=chain.settled_attention, block_width=chain.schedule.width)
+    mask = attention_mask(cells.layout, cells.layout, device=y.device)
+    return chain.model(cells.tokens, cells.sigma, cells.positions, mask, keep=cells.keep, out_index=out_index)
+
+
 def exact_ar_values(chain: ReverseChain, y: Tensor) -> Tensor:
     """(B, 1) exact NLL of a Quench + SHIFTED model: Σ_i −log softmax(raw_i)[y_i], one forward pass."""
     d = y.shape[1]
-    level = torch.ones(d, dtype=torch.float64, device=y.device)
-    cells, out_index = inference_cells(y, level, 0, d, chain.process, 1, ar=True,
-                                       settled_attention=chain.settled_attention, block_width=chain.schedule.width)
-    mask = attention_mask(cells.layout, cells.layout, device=y.device)
-    raw = chain.model(cells.tokens, cells.sigma, cells.positions, mask, keep=cells.keep, out_index=out_index)
+    raw = ar_raw(chain, y)
     total = torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
     for a, b in position_chunks(d, y.shape[0] * raw.shape[-1]):
         total += cross_entropy(raw[:, a:b].to(torch.float64), y[:, a:b]).sum(-1)
