@@ -6,6 +6,8 @@ Examples::
     hdlm eval gen --samples samples.txt --judge /models/gpt2-large --no-mauve --json gen.json
     hdlm eval gen --checkpoint runs/ptb --num-samples 64     # sample first, then judge
     hdlm eval ppl --checkpoint runs/ptb --data ptb:test --mc-samples 8 --json ppl.json
+    hdlm eval ppl --checkpoint runs/owt --data wikitext103       # zero-shot, detokenized as SEDD/MDLM
+    hdlm eval harness --checkpoint runs/ptb --tasks lambada_openai --limit 100
 
 Sample files: ``.jsonl`` with one object per line, a ``"text"`` field and optionally
 ``"token_ids"`` (the generator's tokens; token entropy is computed on them when every sample has
@@ -36,7 +38,9 @@ MAX_REFERENCE_POOL = 20  # read at most this many reference chunks per sample, t
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="eval_command", metavar="{gen,ppl}", required=True)
+    from .eval_harness import add_parser as add_harness
+
+    sub = parser.add_subparsers(dest="eval_command", metavar="{gen,ppl,harness}", required=True)
 
     gen = sub.add_parser("gen", help="generative perplexity (judge LM), token entropy and MAUVE of samples",
                          description="Sample quality (paper App. C.2, F.2-F.3): generative perplexity under a "
@@ -106,6 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--json", metavar="OUT", default=None,
                      help="write the result with its provenance to this JSON file")
     ppl.set_defaults(_eval=run_ppl)
+    add_harness(sub)
 
 
 def run(args: argparse.Namespace) -> int:
