@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
-
 from .config import Config
 
 
@@ -53,11 +51,34 @@ def _log_default(msg: str) -> None:
     print(f"hdlm: {msg}", flush=True)
 
 
-def run_experiment(cfg: Config, out: Path, plan: ExperimentPlan, *, log: Callable[[str], None] = _log_default,
-                   judge=None, skip_training: bool = False) -> dict:
-    """Train ``cfg`` into ``out/run``, then sample and evaluate as ``plan`` says; returns a JSON-able dict."""
-    from .sampling import HDLMPipeline
+def _train_or_reuse(cfg: Config, run_dir: Path, skip_training: bool, resume: bool, log) -> dict:
+    """Train into ``run_dir``; ``skip_training``: reuse any checkpoint there; ``resume``: reuse a finished
+    run, continue an interrupted one exactly (:func:`hdlm.train.train` with ``resume``), else train."""
+    from .checkpoint import list_checkpoints
     from .train import train
+
+    found = list_checkpoints(run_dir)
+    if skip_training and (run_dir / "latest").exists():
+        log(f"reusing the trained model in {run_dir}")
+        return {"checkpoint": str(run_dir)}
+    if resume and found:
+        step = int(found[-1].name.split("-")[-1])
+        if step >= cfg.train.steps:
+            log(f"reusing the finished training in {run_dir} (step {step})")
+            return {"checkpoint": str(found[-1]), "step": step}
+        log(f"continuing the training in {run_dir} from step {step}")
+        return train(cfg, resume=str(run_dir))
+    log(f"training -> {run_dir}")
+    return train(cfg)
+
+
+def run_experiment(cfg: Config, out: Path, plan: ExperimentPlan, *, log: Callable[[str], None] = _log_default,
+                   judge=None, skip_training: bool = False, resume: bool = False) -> dict:
+    """Train ``cfg`` into ``out/run``, then sample and evaluate as ``plan`` says; returns a JSON-able dict.
+
+    ``skip_training``: reuse whatever checkpoint ``out/run`` holds; ``resume``: reuse it when training
+    finished, continue it exactly when it was cut short (``hdlm repro`` sweeps)."""
+    from .sampling import HDLMPipeline
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,12 +86,7 @@ def run_experiment(cfg: Config, out: Path, plan: ExperimentPlan, *, log: Callabl
     cfg = cfg.replace({"train.out_dir": str(run_dir)})
     result: dict = {"config": cfg.to_dict()}
     t0 = time.perf_counter()
-    if skip_training and (run_dir / "latest").exists():
-        log(f"reusing the trained model in {run_dir}")
-        stats = {"checkpoint": str(run_dir)}
-    else:
-        log(f"training -> {run_dir}")
-        stats = train(cfg)
+    stats = _train_or_reuse(cfg, run_dir, skip_training, resume, log)
     result["train"] = {k: v for k, v in stats.items() if k in ("step", "loss", "valid_loss", "tokens_per_s", "checkpoint")}
     result["train"]["seconds"] = time.perf_counter() - t0
     result["train"]["tokens"] = cfg.train.steps * cfg.train.batch_size * cfg.model.length
@@ -110,7 +126,7 @@ def _bounds(pipe, plan: ExperimentPlan, log: Callable[[str], None]) -> dict:
     data_cfg, split, label = resolve_data_spec(plan.eval_data, mcfg.data)
     dataset = load_split(data_cfg, split, pipe.tokenizer, mcfg.model.length)
     n = len(dataset) if plan.eval_sequences is None else min(len(dataset), plan.eval_sequences)
-    data = torch.stack([dataset[i] for i in range(n)])
+    data = dataset.gather(range(n))
     bounds = {}
     for est in plan.estimators:
         t1 = time.perf_counter()
