@@ -163,3 +163,15 @@ def test_eval_ppl_scores_the_detokenized_tokens(tmp_path):
     with pytest.raises(SystemExit) as bad:  # argparse's one line and status 2
         main(["eval", "ppl", "--checkpoint", str(ckpt), "--data", str(data), "--detokenize", "bogus"])
     assert bad.value.code == 2
+
+
+def test_user_guide_zero_shot_table_is_the_code_table():
+    import re
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "user-guide.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| `([^`]+)`[^|]* \| `(\w+)` \|$", guide, flags=re.M)
+    documented = {name: (source, detok) for name, source, detok in rows}
+    assert documented == {n: (s, d) for n, (s, _, d) in ZERO_SHOT.items() if n != "owt"}  # owt: an alias
+    for name in documented:  # and the commands shown for Table 3 use those names
+        assert name in ("wikitext2", "openwebtext") or f"--data {name}" in guide

@@ -185,3 +185,17 @@ def test_bad_inputs_are_one_line(world):
     assert main(base + ["--tasks", "tiny_mc", "--mc-samples", "0"]) == 2
     assert main(base + ["--tasks", " , "]) == 2
     assert main(base + ["--tasks", "tiny_mc", "--include-path", "/no/such/dir"]) == 2
+
+
+def test_user_guide_states_the_code_defaults():
+    import inspect
+    from pathlib import Path
+
+    from hdlm.cli import build_parser
+    from hdlm.harness import HDLMHarnessLM
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "user-guide.md").read_text()
+    default = inspect.signature(HDLMHarnessLM).parameters["mc_samples"].default
+    stated = int(re.search(r"`mc_samples` trajectories per request, default (\d+)", guide).group(1))
+    cli = build_parser().parse_args(["eval", "harness", "--checkpoint", "x", "--tasks", "t"]).mc_samples
+    assert stated == default == cli

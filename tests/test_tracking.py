@@ -141,3 +141,13 @@ def test_bad_logger_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "trackio", None)  # not installed
     with pytest.raises(HDLMError, match="'trackio' package is not installed"):
         make_tracker("trackio", "unused")
+
+
+def test_user_guide_states_the_default_logger():
+    from pathlib import Path
+
+    from hdlm.config import LOGGERS, TrainConfig
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "user-guide.md").read_text()
+    assert f"`train.logger` is `{TrainConfig().logger}` (the default)" in guide
+    assert all(f"`{name}`" in guide for name in LOGGERS)
