@@ -50,6 +50,15 @@ class ModelConfig:
     settled_attention: str = _f("causal", choices=("causal", "block"),
                                 help="how settled tokens attend each other: token-causal or block-causal")
     pad_vocab_to: int = _f(64, lo=1, help="pad the output head to a multiple of this (speed)")
+    # --- exact compatibility with the published ServiceNow/hdlm checkpoints: hdlm.official sets these
+    # when it loads one (docs/checkpoints.md); hdlm's own models keep the defaults.
+    vocab_layout: str = _f("hdlm", choices=("hdlm", "official"),
+                           help="official: N+1 embedding rows (no BOS) and an N+1-row head with a MASK column")
+    norm_fp32: bool = _f(False, help="LayerNorm computed in float32 whatever the model dtype, then times its weight")
+    final_adaln: bool = _f(True, help="adaLN modulation before the head when time-conditioned (official: none)")
+    attention: str = _f("sdpa", choices=("sdpa", "explicit"),
+                        help="explicit: softmax(q·k/√d) written out, a query allowed no key attends uniformly")
+    rotary_buffer: bool = _f(False, help="rotary inv_freq kept as a checkpoint buffer; angles in its dtype")
 
     @property
     def shift(self) -> int:
@@ -69,6 +78,9 @@ class ProcessConfig:
     noise_eps: float = _f(1e-3, lo=0.0, hi=1.0, lo_open=True)
     sigma_min: float = _f(1e-4, lo=0.0, lo_open=True)
     sigma_max: float = _f(20.0, lo=0.0, lo_open=True)
+    # --- how a gamma-family network output is read (hdlm.sedd_score; docs/checkpoints.md): "subs" = hdlm's
+    # logits of the real token given it is not masked; "sedd" = SEDD / official scale_by_sigma log-ratios.
+    parametrisation: str = _f("subs", choices=("subs", "sedd"), help="gamma family: subs (hdlm) or sedd (official)")
 
 
 @dataclass
@@ -285,6 +297,12 @@ def validate(cfg: Config) -> None:
         raise HDLMError(f"config model.hidden / model.n_heads = {m.hidden // m.n_heads}: must be even (rotary)")
     if s.width is not None and s.width > m.length:
         raise HDLMError(f"config schedule.width = {s.width}: must be in [1, model.length = {m.length}]")
+    if m.vocab_layout == "official" and (m.tie_embeddings or m.shift):
+        raise HDLMError("config model.vocab_layout = official: needs model.tie_embeddings = false and "
+                        "model.configuration = aligned (the official layout has no BOS row)")
+    if cfg.process.parametrisation == "sedd" and cfg.process.kind not in ("absorb", "uniform", "gamma"):
+        raise HDLMError(f"config process.parametrisation = sedd: only for the gamma family, not "
+                        f"process.kind = {cfg.process.kind}")
     if len(cfg.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.betas):
         raise HDLMError(f"config train.betas = {cfg.train.betas}: must be two numbers in [0, 1)")
 

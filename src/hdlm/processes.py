@@ -159,11 +159,15 @@ class GammaHybrid(Process):
 
     family = "score"
 
-    def __init__(self, N: int, noise: NoiseSchedule, gamma: float):
+    def __init__(self, N: int, noise: NoiseSchedule, gamma: float, parametrisation: str = "subs"):
         super().__init__(N, noise)
         if not 0.0 <= gamma <= 1.0:
             raise HDLMError(f"gamma-hybrid: gamma = {gamma} must be in [0, 1]")
+        if parametrisation not in ("subs", "sedd"):
+            raise HDLMError(f"gamma-hybrid: parametrisation = {parametrisation!r} must be subs or sedd")
         self.gamma = float(gamma)
+        # "sedd": raw outputs are SEDD / official scale_by_sigma log-ratios (hdlm.sedd_score)
+        self.parametrisation = parametrisation
 
     # ---- the evolution operator, Eq. (7g) -----------------------------------------------
 
@@ -285,8 +289,14 @@ class GammaHybrid(Process):
         at MASK, log s_z = log p_z + log(a/(1-a)) for real z (for gamma = 0 this is SEDD's
         -log(e^{sigma_bar} - 1) scaling) and log s_M = 0; at a real x, log s_z = log p_z - log p_x
         and log s_M = -inf (MASK never turns back into a real token).
+        With ``parametrisation = "sedd"`` the raw outputs are the log-ratios themselves
+        (:func:`hdlm.sedd_score.sedd_log_score`).
         """
         s = _noise_like(s, x.shape, raw.dtype, raw.device)
+        if self.parametrisation == "sedd":
+            from .sedd_score import sedd_log_score
+
+            return sedd_log_score(raw, x, self.noise.sigma_bar(s), self.mask_id)
         lsm = torch.log_softmax(raw, dim=-1)
         is_mask = x == self.mask_id
         x_real = torch.where(is_mask, torch.zeros_like(x), x)
@@ -313,6 +323,8 @@ class GammaHybrid(Process):
         loss is cheap at N = 50k (its gradient, p - q-like, is exact; in float32 the value of a
         near-perfect prediction carries rounding from the sums: pass float64 raw for exact values).
         Zero where rate == 0 and at states the forward process cannot reach from y.
+        With ``parametrisation = "sedd"`` the same loss is computed from the model's log-ratios
+        (:func:`hdlm.sedd_score.sedd_dwdse`).
         """
         dtype, device = raw.dtype, raw.device
         n = self.N
@@ -321,6 +333,8 @@ class GammaHybrid(Process):
         sigma_bar, dsigma_bar = self.noise.sigma_bar(s), self.noise.dsigma_bar(s)
         b, log_same, log_other = self._real_marginal_logs(sigma_bar)
         moved = log_other > _NEG_INF  # q_other > 0
+        if self.parametrisation == "sedd":
+            return self._sedd_loss(raw, x, y, s, rate, moved)
         log_other_safe = torch.where(moved, log_other, torch.zeros_like(log_other))
         zero = torch.zeros_like(sigma_bar)
 
@@ -358,6 +372,19 @@ class GammaHybrid(Process):
         per_token = torch.where(is_mask, coef_mask * term_mask, (self.gamma / n) * term_real)
         live = (ok_mask | ok_real) & (rate != 0)
         return torch.where(live, rate * dsigma_bar * per_token, zero)
+
+    def _sedd_loss(self, raw: Tensor, x: Tensor, y: Tensor, s: Tensor, rate: Tensor, moved: Tensor) -> Tensor:
+        """rate * DWDSE from SEDD-parametrised outputs, zero where the state is unreachable or rate == 0."""
+        from .sedd_score import sedd_dwdse, sedd_log_score
+
+        is_mask = x == self.mask_id
+        live = (rate != 0) & (s > 0) & (~is_mask & ((x == y) | moved) | is_mask & ((1.0 - self.gamma) * s > 0))
+        safe_s = torch.where(live, s, torch.full_like(s, 0.5))  # keeps log(e^σ̄ − 1) finite off the live cells
+        sigma_bar = self.noise.sigma_bar(safe_s)
+        log_real = sedd_log_score(raw, x, sigma_bar, self.mask_id)[..., : self.N]
+        per_token = sedd_dwdse(log_real, x, y, sigma_bar, self.gamma)
+        zero = torch.zeros_like(per_token)
+        return torch.where(live, rate * self.noise.dsigma_bar(safe_s) * per_token, zero)
 
     # ---- sampler maths (SEDD's Tweedie tau-leaping and Euler) ---------------------------
 
@@ -418,15 +445,15 @@ class GammaHybrid(Process):
 class Absorb(GammaHybrid):
     """SEDD's absorbing process (gamma = 0)."""
 
-    def __init__(self, N: int, noise: NoiseSchedule):
-        super().__init__(N, noise, gamma=0.0)
+    def __init__(self, N: int, noise: NoiseSchedule, parametrisation: str = "subs"):
+        super().__init__(N, noise, gamma=0.0, parametrisation=parametrisation)
 
 
 class Uniform(GammaHybrid):
     """SEDD's uniform process over the N real tokens (gamma = 1)."""
 
-    def __init__(self, N: int, noise: NoiseSchedule):
-        super().__init__(N, noise, gamma=1.0)
+    def __init__(self, N: int, noise: NoiseSchedule, parametrisation: str = "subs"):
+        super().__init__(N, noise, gamma=1.0, parametrisation=parametrisation)
 
 
 # --------------------------------------------------------------------------------------------
@@ -549,12 +576,13 @@ class MDLM(EpsilonHybrid):
 def make_process(cfg: ProcessConfig, N: int) -> Process:
     """Build the process named by ``cfg.kind`` over N real tokens (MASK = N)."""
     noise = make_noise(cfg.noise, eps=cfg.noise_eps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
+    param = getattr(cfg, "parametrisation", "subs")
     if cfg.kind == "absorb":
-        return Absorb(N, noise)
+        return Absorb(N, noise, parametrisation=param)
     if cfg.kind == "uniform":
-        return Uniform(N, noise)
+        return Uniform(N, noise, parametrisation=param)
     if cfg.kind == "gamma":
-        return GammaHybrid(N, noise, cfg.gamma)
+        return GammaHybrid(N, noise, cfg.gamma, parametrisation=param)
     if cfg.kind == "epsilon":
         return EpsilonHybrid(N, noise, cfg.epsilon, cfg.lam)
     if cfg.kind == "mdlm":
