@@ -3,11 +3,17 @@
 A *checkpoint* is a folder ``run_dir/step-00001000/`` holding
 
 - ``model.safetensors``: the model weights (``ema.safetensors`` too when EMA is on),
-- ``config.yaml``: the resolved :class:`~hdlm.config.Config` (vocab_size filled in),
-- ``tokenizer.json``: the tokenizer identity (refused later if another tokenizer is used),
+- ``config.yaml``: the resolved :class:`~hdlm.config.Config` (vocab_size filled in); it is the
+  config that is read when present (a hand edit wins),
+- ``config.json``: the same config for the Hugging Face Hub (``{"hdlm_format", "hdlm_version",
+  "config", "tokenizer"}``), read when there is no ``config.yaml``,
+- ``tokenizer.json`` + ``tokenizer_config.json`` + ``special_tokens_map.json``: the whole tokenizer
+  (``tokenizers`` and ``transformers.AutoTokenizer`` load the folder), so the folder samples on
+  its own; older checkpoints hold only the tokenizer identity in ``tokenizer.json``, and load the
+  tokenizer by name as before,
 - ``state.pt``: the rest of the training state (optimizer, LR scheduler, EMA bookkeeping, step,
   RNG states, data-iterator position, metrics so far),
-- ``meta.json``: hdlm version, step, time and the sha256 of every binary file.
+- ``meta.json``: hdlm version, step, time, the tokenizer identity and the sha256 of every binary file.
 
 Writes are atomic: everything goes into a hidden temporary folder beside the target, each file is
 fsynced, the folder is renamed into place, and only then is ``run_dir/latest`` (the name of the
@@ -43,6 +49,8 @@ LATEST = "latest"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.yaml"
+HUB_CONFIG_FILE = "config.json"
+HUB_FORMAT = 1  # the "hdlm_format" of config.json
 TOKENIZER_FILE = "tokenizer.json"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -192,15 +200,17 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 # writing
 
 
-def _write_folder(folder: Path, weights: dict[str, Tensor], cfg: Config, tokenizer_identity: dict,
+def _write_folder(folder: Path, weights: dict[str, Tensor], cfg: Config, tokenizer: Any,
                   ema: dict[str, Tensor] | None, state: dict | None, step: int) -> None:
     """Fill ``folder`` (a fresh temporary folder); meta.json, holding the hashes, comes last."""
     _save_safetensors(folder / MODEL_FILE, weights)
     if ema is not None:
         _save_safetensors(folder / EMA_FILE, ema)
+    from .hub import hub_config, write_tokenizer
+
     _write_file(folder / CONFIG_FILE, lambda f: f.write(cfg.to_yaml()), binary=False)
-    _write_file(folder / TOKENIZER_FILE, lambda f: json.dump(tokenizer_identity, f, indent=1, sort_keys=True),
-                binary=False)
+    identity = write_tokenizer(folder, tokenizer, cfg)
+    _write_file(folder / HUB_CONFIG_FILE, lambda f: json.dump(hub_config(cfg, identity), f, indent=1), binary=False)
     if state is not None:
         buf = io.BytesIO()
         torch.save(_to_safe(state), buf)
@@ -210,6 +220,7 @@ def _write_folder(folder: Path, weights: dict[str, Tensor], cfg: Config, tokeniz
         "hdlm_version": __version__,
         "step": int(step),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tokenizer": identity,
         "sha256": {name: sha256_file(folder / name) for name in files},
     }
     _write_file(folder / META_FILE, lambda f: json.dump(meta, f, indent=1), binary=False)
@@ -261,10 +272,12 @@ def read_latest(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str, Tensor], cfg: Config,
-                    tokenizer_identity: dict, train_state: dict, *, ema: dict[str, Tensor] | None = None,
+                    tokenizer_identity: Any, train_state: dict, *, ema: dict[str, Tensor] | None = None,
                     keep: int = 2) -> Path:
     """Atomically write the checkpoint of ``step`` into ``run_dir`` and point ``latest`` at it.
 
+    ``tokenizer_identity``: the :class:`~hdlm.tokenizers.Tokenizer` (written whole, so the folder
+    samples on its own) or, as older callers pass, its identity dict;
     ``model`` is a module (wrappers are removed) or an already gathered state dict (FSDP);
     ``ema`` the EMA weights as a full model state dict (written to ``ema.safetensors``);
     ``keep`` the number of newest checkpoints to keep (older ones are deleted after the switch).
@@ -288,9 +301,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str,
     return final
 
 
-def save_pretrained(model: nn.Module | dict[str, Tensor], cfg: Config, tokenizer_identity: dict,
+def save_pretrained(model: nn.Module | dict[str, Tensor], cfg: Config, tokenizer_identity: Any,
                     out_dir: str | Path, *, ema: dict[str, Tensor] | None = None) -> Path:
-    """Weights + config + tokenizer identity only (no training state), for sampling and sharing.
+    """Weights + config + tokenizer only (no training state), for sampling and sharing: the
+    Hub-native folder :func:`hdlm.hub.load_pretrained` reads (``tokenizer_identity`` as in
+    :func:`save_checkpoint`; None writes no tokenizer).
 
     The EMA weights are the ones saved when given, since the paper evaluates the EMA model.
     The folder is written atomically like a checkpoint.
@@ -321,7 +336,7 @@ def resolve_checkpoint(path_or_run_dir: str | Path) -> Path:
         raise HDLMError(f"checkpoint '{path}' not found")
     if not path.is_dir():
         raise HDLMError(f"checkpoint '{path}' is not a folder")
-    if (path / META_FILE).exists() or (path / MODEL_FILE).exists():
+    if any((path / name).exists() for name in (META_FILE, MODEL_FILE, HUB_CONFIG_FILE, "pytorch_model.bin")):
         return path
     latest = read_latest(path)
     ckpts = list_checkpoints(path)
@@ -355,29 +370,57 @@ def _verified(path: Path, name: str, meta: dict) -> Path:
 
 
 def read_config(path: str | Path) -> Config:
-    """The validated config of a checkpoint folder (or run folder)."""
+    """The validated config of a checkpoint folder (or run folder): config.yaml, else config.json."""
+    from .hub import read_hub_config
+
     path = resolve_checkpoint(path)
     f = path / CONFIG_FILE
-    if not f.exists():
+    hub = read_hub_config(path) if not f.exists() else None
+    if hub is not None and "hdlm_format" in hub:
+        d, f = hub.get("config"), path / HUB_CONFIG_FILE
+    elif not f.exists():
         raise HDLMError(f"checkpoint {path}: missing file {CONFIG_FILE}")
-    try:
-        d = yaml.safe_load(f.read_text())
-    except yaml.YAMLError as e:
-        raise HDLMError(f"checkpoint file {f} is not valid YAML ({_one_line(e)})") from None
+    else:
+        try:
+            d = yaml.safe_load(f.read_text())
+        except yaml.YAMLError as e:
+            raise HDLMError(f"checkpoint file {f} is not valid YAML ({_one_line(e)})") from None
     try:
         return Config.from_dict(d)
     except HDLMError as e:
         raise HDLMError(f"checkpoint file {f}: {e}") from None
 
 
-def read_tokenizer_identity(path: Path) -> dict:
+def _read_tokenizer_json(path: Path) -> dict:
     f = path / TOKENIZER_FILE
     if not f.exists():
         raise HDLMError(f"checkpoint {path}: missing file {TOKENIZER_FILE}")
     try:
-        return json.loads(f.read_text())
+        d = json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HDLMError(f"checkpoint file {f} is corrupt ({_one_line(e)})") from None
+    if not isinstance(d, dict):
+        raise HDLMError(f"checkpoint file {f} is corrupt (expected a JSON object)")
+    return d
+
+
+def _is_identity(d: dict) -> bool:
+    """An identity-only tokenizer.json (checkpoints written before the whole tokenizer was)."""
+    return "vocab_hash" in d and "model" not in d
+
+
+def read_tokenizer_identity(path: Path) -> dict:
+    """The tokenizer identity of a checkpoint folder: the identity-only ``tokenizer.json`` of older
+    checkpoints, else the one recorded in meta.json / config.json, else computed from the file."""
+    d = _read_tokenizer_json(path)
+    if _is_identity(d):
+        return d
+    from .hub import recorded_identity
+    from .tokenizers import from_path
+
+    if (recorded := recorded_identity(path)) is not None:
+        return recorded
+    return from_path(path).identity()
 
 
 def load_checkpoint(path_or_run_dir: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -427,16 +470,11 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     """Build the model of a pretrained folder, checkpoint folder or run folder and load its weights.
 
     Uses the EMA weights when the checkpoint has them (the paper evaluates EMA models).
-    Returns ``(model in eval mode on device, config, tokenizer identity)``.
+    Returns ``(model in eval mode on device, config, tokenizer identity)``. Hub ids and the
+    official checkpoints go through :func:`hdlm.hub.load_pretrained`.
     """
-    from .model import HDLMTransformer
+    from .hub import load_model
 
     path = resolve_checkpoint(path)
-    meta = _read_meta(path)
-    cfg = read_config(path)
-    tok = read_tokenizer_identity(path)
-    name = EMA_FILE if (EMA_FILE in meta.get("sha256", {}) or (path / EMA_FILE).exists()) else MODEL_FILE
-    state = _load_safetensors(_verified(path, name, meta), "cpu")
-    model = HDLMTransformer(cfg.model)
-    load_weights(model, state, path / name)
-    return model.to(device).eval(), cfg, tok
+    model, cfg, _ = load_model(path, device)
+    return model, cfg, read_tokenizer_identity(path)

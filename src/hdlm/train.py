@@ -380,8 +380,11 @@ def _no_sync(model: nn.Module, cfg: Config, last: bool):
 
 
 def _load_init(source: str, tokenizer: Any) -> Checkpoint:
-    """Stage 2 (App. B.1): the Stage-1 checkpoint whose weights we start from (fresh optimizer)."""
-    ckpt = load_checkpoint(source)
+    """Stage 2 (App. B.1): the Stage-1 checkpoint whose weights we start from (fresh optimizer):
+    an hdlm checkpoint, or any folder or Hub id hdlm.hub reads (the published official models too)."""
+    from .hub import init_checkpoint
+
+    ckpt = init_checkpoint(source)
     tokenizer.check_matches(ckpt.tokenizer)
     return ckpt
 
@@ -510,7 +513,7 @@ def _train(cfg: Config, dist: Dist, resume: str | None, stop_after: int | None) 
         }
         path = None
         if dist.main:
-            path = save_checkpoint(out_dir, step, weights, cfg, tokenizer.identity(), train_state,
+            path = save_checkpoint(out_dir, step, weights, cfg, tokenizer, train_state,
                                    ema=ema_weights, keep=KEEP_CHECKPOINTS)
         dist.barrier()
         return path

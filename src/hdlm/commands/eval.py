@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--samples", metavar="FILE",
                      help="samples to judge: .jsonl with 'text' (and optional 'token_ids') fields, or a text "
                           "file with one sample per blank-line-separated block")
-    src.add_argument("--checkpoint", metavar="DIR", help="sample from this checkpoint first, then judge the samples")
+    src.add_argument("--checkpoint", metavar="DIR|ORG/NAME",
+                     help="sample from this checkpoint (folder or Hub id) first, then judge the samples")
     gen.add_argument("--num-samples", type=int, default=None, metavar="N",
                      help="with --checkpoint: how many samples to generate (default: the sampler's)")
     gen.add_argument("--schedule", default=None, metavar="KIND",
@@ -87,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ppl = sub.add_parser("ppl", help="Monte-Carlo upper bound on perplexity under any hyperschedule (Alg. 1)",
                          description="Upper bound on the perplexity of a checkpoint's generative process "
                                      "(paper App. C.1, Algorithm 1), with its standard error.")
-    ppl.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint (or run) folder to evaluate")
+    ppl.add_argument("--checkpoint", required=True, metavar="DIR|ORG/NAME",
+                     help="checkpoint (or run) folder, official checkpoint or Hugging Face Hub id to evaluate")
     ppl.add_argument("--data", default="ptb:test", metavar="SPEC",
                      help="evaluation data: DATASET:SPLIT, e.g. ptb:test (default), hf:lm1b:test, or a local file")
     ppl.add_argument("--mc-samples", type=int, default=None, metavar="M",

@@ -786,32 +786,19 @@ def _resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def _checkpoint_sha256(path) -> Optional[str]:
-    from ..checkpoint import EMA_FILE, META_FILE, MODEL_FILE, resolve_checkpoint
-
-    folder = resolve_checkpoint(path)
-    try:
-        sha = json.loads((folder / META_FILE).read_text()).get("sha256", {})
-    except (OSError, json.JSONDecodeError):
-        return None
-    return sha.get(EMA_FILE) or sha.get(MODEL_FILE)
-
-
 def perplexity_bound_cli(args) -> int:
     """``hdlm eval ppl``: load a checkpoint and data, print a markdown table, optionally write JSON."""
     from .. import __version__
-    from ..checkpoint import from_pretrained
     from ..data import load_split
-    from ..tokenizers import load_tokenizer
+    from ..hub import load_pretrained, weights_sha256
 
     checkpoint = getattr(args, "checkpoint", None)
     if not checkpoint:
         raise HDLMError("eval ppl: --checkpoint DIR is required")
     _maybe_init_distributed()
     device = _resolve_device(getattr(args, "device", None))
-    model, cfg, tok_identity = from_pretrained(checkpoint, device=device)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    tokenizer.check_matches(tok_identity)
+    pre = load_pretrained(checkpoint, device=device)  # a folder, a run folder, an official checkpoint, a Hub id
+    model, cfg, tokenizer = pre.model, pre.config, pre.tokenizer
     data_cfg, split, label = resolve_data_spec(getattr(args, "data", None) or "ptb:test", cfg.data)
     dataset = load_split(data_cfg, split, tokenizer, cfg.model.length)
     schedule = _schedule_override(args, cfg)
@@ -829,7 +816,7 @@ def perplexity_bound_cli(args) -> int:
     out = getattr(args, "json", None)
     if out:
         record = {"command": shlex.join(sys.argv), "checkpoint": str(checkpoint),
-                  "checkpoint_sha256": _checkpoint_sha256(checkpoint), "hdlm_version": __version__,
+                  "checkpoint_sha256": weights_sha256(pre), "hdlm_version": __version__,
                   "data": label, "seed": seed, **result.to_dict()}
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
