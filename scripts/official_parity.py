@@ -10,7 +10,6 @@ hdlm's deliberate deviations. tests/test_checkpoints_doc.py re-runs it and check
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 

@@ -198,12 +198,42 @@ def test_truncated_pytorch_model_bin_is_one_line_and_exit_2(tmp_path, capsys):
     assert "pytorch_model.bin is corrupt or unreadable" in one_error_line(capsys)
 
 
+EXECUTED: list = []
+
+
+def _mark() -> int:
+    EXECUTED.append(1)
+    return 0
+
+
+class Payload:
+    """Unpickling this runs _mark: what a malicious pytorch_model.bin would do."""
+
+    def __reduce__(self):
+        return (_mark, ())
+
+
+def test_pytorch_model_bin_is_loaded_with_weights_only(tmp_path, capsys):
+    """A .bin that carries code is refused before that code can run (torch.load weights_only=True)."""
+    d = official_copy(tmp_path, "epsilon", files=("config.json",))
+    state = load_file(str(FIXTURES / "epsilon" / "model.safetensors"))
+    torch.save({**state, "payload": Payload()}, d / "pytorch_model.bin")
+    assert main(["sample", "--checkpoint", str(d), "--no-progress"]) == 2
+    assert "pytorch_model.bin is corrupt or unreadable" in one_error_line(capsys)
+    assert EXECUTED == []
+
+
 def test_missing_tokenizer_falls_back_to_bundled_gpt2_and_checks_its_size(tmp_path):
     """No tokenizer files: hdlm's GPT-2 (N = 50257) is used only when tokenizer.tokens says 50257."""
+    from hdlm.official import official_tokenizer
+
     d = official_copy(tmp_path, "gamma", tokenizer=False)
     with pytest.raises(HDLMError, match="bundled GPT-2 tokenizer.*N = 50257.*tokenizer.tokens = 61"):
         load_pretrained(d)
     assert load_pretrained(d, tokenizer=False).model.n_real == 61
+    cfg = load_pretrained(d, tokenizer=False).config.replace({"model.vocab_size": 50257})
+    tok = official_tokenizer(d, cfg)
+    assert tok.name == "gpt2" and tok.vocab_size == 50257 and tok.eos_id == 50256
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,6 +271,7 @@ def test_eval_ppl_and_stage2_train_from_an_official_checkpoint(tmp_path, capsys,
     assert main(["eval", "ppl", "--checkpoint", str(d), "--data", f"{text}:test", "--mc-samples", "2",
                  "--batch-size", "4", "--json", str(tmp_path / "ppl.json")]) == 0
     record = json.loads((tmp_path / "ppl.json").read_text())
+    assert record["process"]["parametrisation"] == "sedd" and 1 < record["ppl"] < float("inf")
     assert record["checkpoint_sha256"] == json.loads((FIXTURES / "gamma" / "reference.json").read_text())[
         "files"]["model.safetensors"]["sha256"]
     capsys.readouterr()

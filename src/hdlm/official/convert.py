@@ -216,12 +216,10 @@ def convert_state_dict(state: dict[str, Tensor], cfg: Config, source: str | Path
     unexpected = [k for k in state if k not in mapping]
     if missing or unexpected:
         what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-        raise HDLMError(f"weights in {source} do not fit the official {FAMILIES_BY_PROCESS[cfg.process.kind]} "
-                        f"model ({what}; {len(missing)} missing, {len(unexpected)} unexpected)")
+        family = "gamma_hybrid" if cfg.model.time_conditioning else "epsilon_hybrid"
+        raise HDLMError(f"weights in {source} do not fit the official {family} model "
+                        f"({what}; {len(missing)} missing, {len(unexpected)} unexpected)")
     return {mapping[k]: t for k, t in state.items()}
-
-
-FAMILIES_BY_PROCESS = {"gamma": "gamma_hybrid", "epsilon": "epsilon_hybrid"}
 
 
 def read_official_weights(folder: Path) -> tuple[dict[str, Tensor], Path]:
