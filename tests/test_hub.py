@@ -127,7 +127,7 @@ def test_cli_sample_by_repo_id(tmp_path, monkeypatch, capsys):
     assert len(ids) == 2 and all(len(row) == 16 and max(row) < 61 for row in ids)
     assert out["hyperschedule"]["kind"] == "block" and out["hyperschedule"]["levels"] == 7  # tau 8 -> 7 levels
     assert main(["sample", "--checkpoint", "hdlm-group/not-cached", "--no-progress"]) == 2
-    assert "not in the Hugging Face cache" in one_error_line(capsys)
+    assert "is not in the Hugging Face cache" in one_error_line(capsys)
 
 
 def _renamed(d: Path) -> None:

@@ -167,9 +167,9 @@ def _hub_error(repo_id: str, filename: str, e: Exception) -> HDLMError:
                                         RevisionNotFoundError)
 
     if isinstance(e, LocalEntryNotFoundError):
-        return HDLMError(f"checkpoint '{repo_id}': {filename} is not in the Hugging Face cache and the Hub is not "
-                         f"reachable (offline or local_files_only): download it once with network access, "
-                         f"or pass a local folder")
+        return HDLMError(f"checkpoint '{repo_id}' is no local folder, and as a Hub id its {filename} is not in the "
+                         f"Hugging Face cache while the Hub is out of reach (HF_HUB_OFFLINE or local_files_only): "
+                         f"download it once with network access, or pass a local folder")
     if isinstance(e, RepositoryNotFoundError):
         return HDLMError(f"checkpoint '{repo_id}': no such Hugging Face repository (nor a local folder)")
     if isinstance(e, RevisionNotFoundError):
