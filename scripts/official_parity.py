@@ -31,7 +31,7 @@ def _rel(a, b) -> float:
 
 def epsilon_rows(name: str) -> list[tuple[str, float]]:
     from hdlm.model import HDLMTransformer
-    from hdlm.official import load_official
+    from hdlm.hub import load_official
     from hdlm.official.compat import epsilon_corrupt, epsilon_loss, official_forward
 
     r = load_file(str(FIXTURES / name / "reference.safetensors"))
@@ -63,7 +63,7 @@ def epsilon_rows(name: str) -> list[tuple[str, float]]:
 
 
 def gamma_rows(name: str) -> list[tuple[str, float]]:
-    from hdlm.official import load_official
+    from hdlm.hub import load_official
     from hdlm.official.compat import gamma_corrupt, gamma_loss, gamma_score_entropy, official_forward
     from hdlm.sedd_score import sedd_dwdse
 

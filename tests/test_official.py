@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from hdlm.layout import inference_cells
 from hdlm.masks import dense_mask
-from hdlm.official import load_official
+from hdlm.hub import load_official  # moved from hdlm.official (it builds a model)
 from hdlm.official.compat import (SETTLED_MASK_LOGIT, epsilon_corrupt, epsilon_loss, gamma_corrupt, gamma_loss,
                                   gamma_score_entropy, official_forward)
 from hdlm.processes import make_process
@@ -249,7 +249,7 @@ def test_hdlm_settled_ce_leaves_the_mask_column_out(name):
     _, ce_no_mask = gamma_loss(log_score, r["c_loss.sigma"], r["b.dsigma"], r["c_loss.perturbed"],
                                r["input.clean_ids"], settled, r["b.weight_mask"], width=4, gamma=0.01,
                                mask_column=False)
-    from hdlm.objective import position_weights
+    from hdlm.layout import position_weights
     from hdlm.processes import cross_entropy
 
     hdlm_ce = (cross_entropy(log_score[:, settled, :MASK], r["input.clean_ids"][:, settled])

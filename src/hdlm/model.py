@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from . import masks as masks_lib
 from .config import ModelConfig
 from .errors import HDLMError
-from .objective import weighted_embedding
 
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal width of the σ̄ embedding (DiT / SEDD)
 ROTARY_BASE = 10000.0
@@ -97,6 +96,20 @@ class KVCache:
 
 # --------------------------------------------------------------------------------------------
 # building blocks
+
+
+def weighted_embedding(weight: Tensor, tokens: Tensor, keep: Tensor | None, mask_id: int) -> Tensor:
+    """Eq. (12): e^{-gamma sigma_bar} f(x) + (1 - e^{-gamma sigma_bar}) f(MASK).
+
+    ``weight`` is the (V, h) embedding table, ``tokens`` (B, L) ids, ``keep`` (B, L) the
+    per-token keep weight from :meth:`Process.embed_keep` (None: plain embedding).
+    """
+    emb = weight[tokens]
+    if keep is None:
+        return emb
+    keep = keep.to(emb.dtype).unsqueeze(-1)
+    return keep * emb + (1.0 - keep) * weight[mask_id]
+
 
 
 def timestep_embedding(sigma: Tensor, dim: int = FREQUENCY_EMBEDDING_SIZE, max_period: float = 10000.0) -> Tensor:
@@ -318,25 +331,37 @@ class HDLMTransformer(nn.Module):
                 total -= self.head.weight.numel()
         return total
 
-    # ---- Hub-native folders (hdlm.hub)
+    # ---- Hub-native folders (hdlm.hub_files; hdlm.hub adds the tokenizer)
 
     @classmethod
     def from_pretrained(cls, source: Any, device: Any = "cpu", **hub: Any) -> "HDLMTransformer":
         """The model of any checkpoint :func:`hdlm.hub.load_pretrained` reads (a folder, a Hub id,
         an official checkpoint), in eval mode; ``hub``: revision, local_files_only, cache_dir."""
-        from .hub import load_pretrained
+        from .hub_files import read_pretrained
 
-        return load_pretrained(source, device=device, tokenizer=False, **hub).model
+        return cls.from_files(read_pretrained(source, **hub), device)
+
+    @classmethod
+    def from_files(cls, files: Any, device: Any = "cpu") -> "HDLMTransformer":
+        """The model of a :class:`hdlm.hub_files.PretrainedFiles` (its config and weights), in eval mode;
+        the weights must fit exactly (one HDLMError line naming the first misfit otherwise)."""
+        from .checkpoint import load_weights
+
+        model = cls(files.config.model)
+        load_weights(model, files.state, files.weights)
+        return model.to(device).eval()
 
     def save_pretrained(self, out_dir: Any, config: Any = None, tokenizer: Any = None) -> Any:
-        """Write a Hub-native folder (:func:`hdlm.hub.save_pretrained`): ``config`` is the whole
+        """Write a Hub-native folder (:func:`hdlm.hub_files.save_pretrained`): ``config`` is the whole
         :class:`~hdlm.config.Config` (default: this model section, defaults elsewhere) and
         ``tokenizer`` the :class:`~hdlm.tokenizers.Tokenizer` to save with it (None: none)."""
+        import dataclasses
+
         from .config import Config
-        from .hub import save_pretrained
+        from .hub_files import save_pretrained
 
         if config is None:
-            config = Config.from_dict({"model": dict(vars(self.cfg))})
+            config = Config.from_dict({"model": dataclasses.asdict(self.cfg)})
         return save_pretrained(self, config, tokenizer, out_dir)
 
     def push_to_hub(self, repo_id: str, config: Any = None, tokenizer: Any = None, **kwargs: Any) -> str:
@@ -344,7 +369,7 @@ class HDLMTransformer(nn.Module):
         import tempfile
         from pathlib import Path
 
-        from .hub import push_to_hub
+        from .hub_files import push_to_hub
 
         with tempfile.TemporaryDirectory() as tmp:
             folder = self.save_pretrained(Path(tmp) / repo_id.split("/")[-1], config, tokenizer)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..objective import position_weights
+from ..layout import position_weights
 from ..sedd_score import log_expm1_official
 
 #: the −1000 that official post-processing writes into the MASK logit of settled positions

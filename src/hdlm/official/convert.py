@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checkpoint import _load_safetensors, _one_line
 from ..config import Config
 from ..errors import HDLMError
+from ..tokenizers import from_path, load_tokenizer
 
 #: official ``model_type`` → hdlm family
 FAMILIES = {"epsilon_hybrid": "epsilon", "gamma_hybrid": "gamma"}
@@ -225,8 +227,6 @@ def convert_state_dict(state: dict[str, Tensor], cfg: Config, source: str | Path
 def read_official_weights(folder: Path) -> tuple[dict[str, Tensor], Path]:
     """The state dict of an official folder: ``model.safetensors``, else ``pytorch_model.bin``
     (read with ``weights_only=True``: no code runs). Returns (state, file)."""
-    from ..checkpoint import _load_safetensors, _one_line
-
     folder = Path(folder)
     st, binf = folder / "model.safetensors", folder / "pytorch_model.bin"
     if st.is_file():
@@ -249,8 +249,6 @@ def read_official_weights(folder: Path) -> tuple[dict[str, Tensor], Path]:
 def official_tokenizer(folder: Path, cfg: Config):
     """The repo's tokenizer (``tokenizer.json``), else hdlm's bundled GPT-2; its vocabulary size
     must equal the official ``tokenizer.tokens``."""
-    from ..tokenizers import from_path, load_tokenizer
-
     folder = Path(folder)
     n = cfg.model.vocab_size
     if (folder / "tokenizer.json").is_file():
@@ -265,14 +263,10 @@ def official_tokenizer(folder: Path, cfg: Config):
     return tok
 
 
-def load_official(folder: Path, device: Any = "cpu"):
-    """(model in eval mode on ``device``, Config, weights file) of an official checkpoint folder."""
-    from ..checkpoint import load_weights
-    from ..model import HDLMTransformer
-
+def read_official(folder: Path) -> tuple[Config, dict[str, Tensor], Path]:
+    """(Config, weights renamed to hdlm's, weights file) of an official checkpoint folder;
+    :func:`hdlm.hub.load_official` builds the model from them."""
     folder = Path(folder)
     cfg = config_from_official(read_official_config(folder), source=str(folder / "config.json"))
     state, file = read_official_weights(folder)
-    model = HDLMTransformer(cfg.model)
-    load_weights(model, convert_state_dict(state, cfg, file), file)
-    return model.to(device).eval(), cfg, file
+    return cfg, convert_state_dict(state, cfg, file), file
