@@ -205,3 +205,14 @@ def test_write_corpus_reuses_a_complete_folder_and_redoes_a_changed_one(tmp_path
 def test_bad_sources_raise_one_clear_error(P, words, eos, match):
     with pytest.raises(HDLMError, match=match):
         MarkovSource(P, words, eos_id=eos)
+
+
+def test_inverse_cdf_never_lands_on_a_zero_probability_token_after_rounding():
+    # ten 0.1s cumsum to 0.9999999999999999 = the largest u < 1: a plain cumsum would then pick the
+    # trailing zero-probability token (a forbidden transition in the corpus)
+    from hdlm.synthetic import _inverse_cdf_table
+
+    P = np.array([[0.1] * 10 + [0.0]])
+    u = np.nextafter(1.0, 0.0)
+    assert np.cumsum(P[0])[9] <= u  # the hazard is real
+    assert (_inverse_cdf_table(P)[0] <= u).sum() == 9  # token 9, the last positive one
