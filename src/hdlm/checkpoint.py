@@ -35,7 +35,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from . import __version__
+from ._version import __version__
 from .config import Config
 from .errors import HDLMError
 
