@@ -62,3 +62,14 @@ def test_report_ratios_and_infinite_estimates(bench):
     assert f"| m | 4,096 | continuous | {limit + math.log(2):.4f} | 0.0100 | {2 * math.exp(limit):.3f} | " \
            f"{2 * math.exp(limit - source):.3f} | 2.000 | 0 |" in md
     assert "| m | 4,096 | analytic | — | 0.2500 |" in md
+
+
+def test_results_doc_describes_the_full_scale_the_bench_runs(bench):
+    # bench/RESULTS.md states the full run's sizes: it must follow SCALES["full"]
+    full = bench.SCALES["full"]
+    text = " ".join((ROOT / "bench" / "RESULTS.md").read_text().split())
+    assert " / ".join(f"{b:,}" for b in full.budgets) + " training tokens" in text
+    assert f"{full.eval_blocks} test blocks ({full.eval_blocks * full.length:,} tokens)" in text
+    assert f"M = {full.mc_samples} draws per estimator, {full.num_samples} samples per ρ" in text
+    assert f"d = {full.length}, {full.layers} layers × {full.hidden}, batch {full.batch}" in text
+    assert f"{full.words} word types" in text
