@@ -429,7 +429,7 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     Uses the EMA weights when the checkpoint has them (the paper evaluates EMA models).
     Returns ``(model in eval mode on device, config, tokenizer identity)``.
     """
-    from .model import HDLMTransformer
+    from .model import build_model
 
     path = resolve_checkpoint(path)
     meta = _read_meta(path)
@@ -437,6 +437,6 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     tok = read_tokenizer_identity(path)
     name = EMA_FILE if (EMA_FILE in meta.get("sha256", {}) or (path / EMA_FILE).exists()) else MODEL_FILE
     state = _load_safetensors(_verified(path, name, meta), "cpu")
-    model = HDLMTransformer(cfg.model)
+    model = build_model(cfg.model)
     load_weights(model, state, path / name)
     return model.to(device).eval(), cfg, tok

@@ -50,6 +50,12 @@ class ModelConfig:
     settled_attention: str = _f("causal", choices=("causal", "block"),
                                 help="how settled tokens attend each other: token-causal or block-causal")
     pad_vocab_to: int = _f(64, lo=1, help="pad the output head to a multiple of this (speed)")
+    # ---- backbone (docs/conversion.md): the DiT above, or a pretrained Hugging Face causal LM converted by
+    # `hdlm convert` (hdlm.hf_backbone). With "hf" the HF config fixes the network and the DiT sizes above
+    # (n_layers, hidden, n_heads, mlp_ratio, dropout, tie_embeddings, pad_vocab_to) are unused.
+    backbone: str = _f("dit", choices=("dit", "hf"), help="dit (HDLMTransformer) or hf (a converted causal LM)")
+    hf_config: Optional[dict] = _f(None, help="backbone hf: the HF model's config.json, as a mapping")
+    hf_source: str = _f("", help="backbone hf: where the pretrained weights came from (a record)")
 
     @property
     def shift(self) -> int:
@@ -242,6 +248,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if not isinstance(value, (str, int, float)):
             raise HDLMError(f"config {name} = {value!r}: must be a string")
         return str(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise HDLMError(f"config {name} = {value!r}: must be a mapping")
+        return dict(value)
     if tp is list or origin is list:
         if isinstance(value, str):
             value = yaml.safe_load(value)

@@ -333,3 +333,18 @@ class HDLMTransformer(nn.Module):
         else:
             raw = F.linear(x, self.token_embedding, self.head_bias)
         return raw[..., : self.n_real]
+
+
+# --------------------------------------------------------------------------------------------
+# the backbone factory
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The backbone ``cfg.backbone`` names: the DiT (:class:`HDLMTransformer`) or a converted Hugging
+    Face causal LM (:class:`hdlm.hf_backbone.HFBackbone`, randomly initialised here: its weights come
+    from a checkpoint). Both have the same ``forward``/``new_cache``/``n_real``/``cfg`` interface."""
+    if cfg.backbone == "hf":
+        from .hf_backbone import HFBackbone
+
+        return HFBackbone(cfg)
+    return HDLMTransformer(cfg)

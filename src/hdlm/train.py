@@ -413,7 +413,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
 
 def _train(cfg: Config, dist: Dist, resume: str | None, stop_after: int | None) -> dict:
     from .data import BatchIterator, load_split
-    from .model import HDLMTransformer
+    from .model import build_model
     from .objective import build_objective
     from .tokenizers import load_tokenizer
 
@@ -446,7 +446,7 @@ def _train(cfg: Config, dist: Dist, resume: str | None, stop_after: int | None) 
 
     # model (identical init on every rank) and its weights, then wrappers, then EMA of the wrapped params
     seed_everything(tc.seed)
-    model = HDLMTransformer(cfg.model)
+    model = build_model(cfg.model)
     init = ckpt if ckpt is not None else (_load_init(tc.init_from, tokenizer) if tc.init_from else None)
     if init is not None:
         load_weights(model, init.model_state, init.path)
