@@ -114,7 +114,7 @@ def hf_config_dict(config: Any) -> dict:
     """The HF config as a plain JSON-safe dict (stored in ``model.hf_config`` of hdlm's config)."""
     import json
 
-    d = config.to_dict()
+    d = config.to_diff_dict()  # what differs from the architecture's defaults, model_type included
     drop = {"transformers_version", "dtype", "torch_dtype", "architectures", "quantization_config"}
     d = {k: v for k, v in d.items() if k not in drop and not k.startswith("_")}
     return json.loads(json.dumps(d))
