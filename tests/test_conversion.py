@@ -127,7 +127,7 @@ def test_sources_and_bad_input(assets, tmp_path):
     with pytest.raises(HDLMError, match="never downloads"):
         resolve_source("someone/not-cached-model")
     with pytest.raises(HDLMError, match="hf_config"):  # a preset alone does not build a model
-        from hdlm.model import build_model
+        from hdlm.backbone import build_model
 
         build_model(load_config("smollm2-ptb-block", {"model.vocab_size": 48}).model)
 

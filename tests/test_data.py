@@ -8,7 +8,8 @@ import torch
 
 from hdlm.config import DataConfig
 from hdlm.data import (BatchIterator, TokenDataset, iter_documents, load_split, load_token_stream, pack_blocks,
-                       pack_stream, unigram_stats)
+                       pack_stream)
+from hdlm.evaluation.quality import unigram_stats
 from hdlm.errors import HDLMError
 from hdlm.tokenizers import bert_base_uncased, gpt2, load_tokenizer
 

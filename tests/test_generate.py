@@ -263,7 +263,7 @@ def test_cli_sample_json_out_and_trace(checkpoint, tmp_path, capsys):
     assert [s["ids"] for s in again["samples"]] == [s["ids"] for s in first["samples"]]
     assert png.exists() and png.stat().st_size > 1000
     assert cli_main(["sample", "--checkpoint", str(checkpoint), "--num-samples", "1", "--schedule", "slide",
-                     "--width", "4", "--sampler", "euler", "--top-p", "0.9", "--float32-gumbel", "--no-progress"]) == 0
+                     "--width", "4", "--sampler", "euler", "--top-p", "0.9", "--draw", "float32-gumbel", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "=== sample 0 ===" in text
     assert cli_main(["sample", "--checkpoint", str(tmp_path / "missing")]) == 2
@@ -293,3 +293,36 @@ def test_cached_generation_on_cuda(shift):
     again = generate(model, process, slide(D, 4), sampler, 3, generator=torch.Generator(device="cuda").manual_seed(0),
                      progress=False)
     assert torch.equal(again.tokens.cpu(), outs[True][0])
+
+
+def test_schedule_overrides_agree_between_sample_and_eval_ppl(tmp_path, capsys):
+    """#12 item 8: one rule merges a checkpoint's schedule with --schedule/--width/--rho/--steps.
+
+    On a Block ω = 8, ρ = 2 checkpoint (d = 16, so d/4 = 4 ≠ ω), ``--schedule slide`` keeps ω = 8
+    and ρ = 2 in both ``hdlm sample`` (the pipeline) and ``hdlm eval ppl``; before, the pipeline fell
+    back to ω = d/4 while eval ppl kept ω = 8, so the samples and the bound described different
+    schedules. Both commands record the schedule they used: they must agree for every override."""
+    from hdlm.checkpoint import save_pretrained
+    from hdlm.cli import main
+    from hdlm.tokenizers import load_tokenizer
+
+    tok = load_tokenizer("bert-base-uncased")
+    cfg = Config(model=ModelConfig(vocab_size=tok.vocab_size, length=16, n_layers=1, hidden=16, n_heads=2,
+                                   mlp_ratio=2, cond_dim=8, dropout=0.0),
+                 schedule=ScheduleConfig(kind="block", width=8, rho=2.0), data=DataConfig(tokenizer="bert-base-uncased"))
+    checkpoint = save_pretrained(HDLMTransformer(cfg.model), cfg, tok.identity(), tmp_path / "ckpt")
+    text = tmp_path / "eval.txt"
+    text.write_text("\n".join(f"the cat sat on the mat number {i} ." for i in range(8)) + "\n")
+    for flags in (["--schedule", "slide"], ["--schedule", "slide", "--rho", "1"], ["--schedule", "flat"],
+                  ["--schedule", "quench"], ["--width", "4"]):
+        out_s, out_p = tmp_path / "s.json", tmp_path / "p.json"
+        assert main(["sample", "--checkpoint", str(checkpoint), "--num-samples", "1", "--json", "--out", str(out_s),
+                     "--no-progress", "--device", "cpu", *flags]) == 0
+        assert main(["eval", "ppl", "--checkpoint", str(checkpoint), "--data", str(text), "--mc-samples", "1",
+                     "--device", "cpu", "--json", str(out_p), *flags]) == 0
+        s = json.loads(out_s.read_text())["hyperschedule"]
+        p = json.loads(out_p.read_text())["schedule"]
+        assert (s["kind"], s["T"], s["width"], s["levels"]) == (p["kind"], p["T"], p["width"], p["levels"]), flags
+        if flags == ["--schedule", "slide"]:
+            assert (p["width"], p["rho"], p["T"]) == (8, 2.0, 11)  # the checkpoint's ω and ρ carried over
+    capsys.readouterr()

@@ -18,12 +18,13 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from hdlm.config import load_config  # noqa: E402
-from hdlm.evaluation.likelihood import ReverseChain, forward_chain, perplexity_bound  # noqa: E402
+from hdlm.evaluation.discrete import ReverseChain, variational_chain  # noqa: E402
+from hdlm.evaluation.likelihood import perplexity_bound  # noqa: E402
 from hdlm.hf_backbone import HFBackbone, hf_config_dict  # noqa: E402
 from hdlm.hyperschedule import block, quench, slide  # noqa: E402
 from hdlm.layout import inference_cells  # noqa: E402
 from hdlm.masks import dense_mask  # noqa: E402
-from hdlm.model import build_model  # noqa: E402
+from hdlm.backbone import build_model  # noqa: E402
 from hdlm.objective import build_objective  # noqa: E402
 from hdlm.processes import EpsilonHybrid, GammaHybrid  # noqa: E402
 from hdlm.sampling import generate, make_sampler  # noqa: E402
@@ -201,7 +202,7 @@ def test_discrete_bound_bounds_exact_nll_by_enumeration(kind, proc, hs, variatio
     cfg, model = convert_lm(ref, n=tl.N, d=tl.D, kind=hs.kind, width=2, proc=kind,
                             extra=[f"process.{k}={v}" for k, v in proc.items()])
     rc = ReverseChain.from_config(model, cfg, schedule=hs)
-    chain, dc = forward_chain(rc.process, variational), tl.DenseChain(cfg, variational)
+    chain, dc = variational_chain(rc.process, variational), tl.DenseChain(cfg, variational)
     P = tl.kernels(rc)
     gaps = []
     for y in tl.REAL:

@@ -154,3 +154,84 @@ def test_inference_cells_perturbations(conf):
     q = torch.randn(1, 2, len(cells.layout), 8, dtype=torch.float64)
     ref = naive_attention(q, q, q, mask)
     assert torch.allclose(F.scaled_dot_product_attention(q, q, q, attn_mask=mask), ref, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# the named steps of training_cells, one by one
+
+
+def test_draw_intervals_stratifies_steps_and_reads_the_windows_of_eq1():
+    from hdlm.hyperschedule import block, quench, slide
+    from hdlm.layout import draw_intervals
+
+    hs = slide(D, W)  # T = D + W - 1 = 19
+    steps, sizes, windows = draw_intervals(hs, D, 0, batch_seed=3)
+    K = -(-D // W)
+    assert len(steps) == K and sum(sizes) == hs.T  # strata of [0, T), one step in each
+    bounds = [k * hs.T // K for k in range(K + 1)]
+    assert all(bounds[k] <= t < bounds[k + 1] for k, t in enumerate(steps))
+    assert windows == [hs.split(t) for t in steps]
+    assert draw_intervals(hs, D, 0, batch_seed=3) == (steps, sizes, windows)  # a function of the batch seed
+    assert len(draw_intervals(hs, D, 0, batch_seed=3, n_intervals=2)[0]) == 2
+    one, size, _ = draw_intervals(block(D, W), D, 0, batch_seed=1, single=True)
+    assert len(one) == 1 and size == [block(D, W).T]
+    assert draw_intervals(quench(D), D, 1, batch_seed=0) == ([], [], [])  # Quench + SHIFTED: plain AR
+
+
+def test_levels_and_rates_follow_the_continuous_view_per_sample():
+    from hdlm.hyperschedule import quench, slide
+    from hdlm.layout import draw_intervals, levels_and_rates
+
+    hs = slide(D, W)
+    steps, sizes, windows = draw_intervals(hs, D, 0, batch_seed=5)
+    seeds = torch.tensor([11, 12])
+    lev, rate = levels_and_rates(hs, steps, sizes, windows, seeds, D)
+    for b, s in enumerate(seeds.tolist()):  # u_k = (t_k + φ_k)/T, φ from the sample's own seed
+        phi = torch.rand(len(steps), generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+        u = (torch.tensor(steps, dtype=torch.float64) + phi) / hs.T
+        torch.testing.assert_close(lev[b], hs.level(u).double(), rtol=0, atol=0)
+        weight = torch.tensor(sizes, dtype=torch.float64)[:, None] / hs.T
+        torch.testing.assert_close(rate[b], hs.level_rate(u).double() * weight, rtol=0, atol=0)
+    assert not torch.equal(lev[0], lev[1])  # samples draw their own times
+    q = quench(D)
+    qs, qz, qw = draw_intervals(q, D, 0, batch_seed=5)
+    lev, rate = levels_and_rates(q, qs, qz, qw, seeds, D)
+    for k, (a, e) in enumerate(qw):  # 𝒯 = 1: the active tokens are at full noise, rate 1
+        assert lev[0, k, a:e].eq(1).all() and lev[0, k].sum() == e - a and torch.equal(rate[0, k], lev[0, k])
+
+
+def test_noisy_inputs_keep_clean_cells_and_do_not_depend_on_the_batch():
+    from hdlm.hyperschedule import block
+    from hdlm.layout import draw_intervals, interval_cells, levels_and_rates, noisy_inputs
+    from hdlm.processes import GammaHybrid
+    from hdlm.noise import LogLinear
+
+    process = GammaHybrid(N, LogLinear(), 0.3)
+    hs = block(D, W)
+    y = torch.randint(0, N, (3, D), generator=torch.Generator().manual_seed(0))
+    seeds = torch.tensor([5, 6, 7])
+    steps, sizes, windows = draw_intervals(hs, D, 1, batch_seed=2)
+    layout, n_clean = interval_cells(windows, hs, D, 1, False)
+    lev, _ = levels_and_rates(hs, steps, sizes, windows, seeds, D)
+    tokens, in_level, _ = noisy_inputs(y, layout, lev, process, seeds, discrete=False)
+    clean = layout.is_clean & (layout.pos >= 0)
+    assert torch.equal(tokens[:, clean], y[:, layout.pos[clean]])  # clean cells hold the data
+    assert (in_level[:, layout.is_clean] == 0).all()
+    assert (tokens[:, layout.pos < 0] == N + 1).all()  # SHIFTED's BOS (clean, and repeated by the first interval)
+    assert (tokens[:, ~layout.is_clean] == N).any()  # some noise was drawn
+    alone, _, _ = noisy_inputs(y[1:2], layout, lev[1:2], process, seeds[1:2], discrete=False)
+    assert torch.equal(alone[0], tokens[1])  # a sample's noise is its own, whatever the batch
+
+
+def test_loss_targets_pair_each_prediction_with_its_noisy_input_and_clean_target():
+    cfg, _, obj = _setup("block", "shifted", "gamma")
+    y = torch.randint(0, N, (2, D), generator=torch.Generator().manual_seed(1))
+    tc = obj.cells(y, torch.tensor([3, 4]), 9)
+    lay = tc.cells.layout
+    target = lay.pos[tc.diff_index] + 1  # SHIFTED: cell with input p predicts p + 1
+    assert torch.equal(tc.diff_y, y[:, target])
+    # the noisy token at the predicted position is the input of the next cell of the same interval
+    assert torch.equal(lay.pos[tc.diff_index + 1], target) and torch.equal(tc.diff_x, tc.cells.tokens[:, tc.diff_index + 1])
+    ends = {int(s): int(lay.pos[lay.seg == s].max()) for s in lay.seg.unique().tolist() if s > 0}
+    assert all(int(p) < ends[int(s)] for p, s in zip(lay.pos[tc.diff_index], lay.seg[tc.diff_index]))  # last dropped
+    assert torch.equal(tc.ce_target, y[:, lay.pos[tc.ce_index] + 1]) and (tc.ce_weight == 1).all()

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from hdlm.config import Config, ModelConfig, ProcessConfig
-from hdlm.evaluation.likelihood import (NLLSums, ReverseChain, epsilon_posterior_probs, forward_chain,
-                                        forward_posterior, nll_sums, perplexity_bound, resolve_data_spec)
+from hdlm.evaluation.discrete import ReverseChain, variational_chain
+from hdlm.evaluation.likelihood import NLLSums, nll_sums, perplexity_bound, resolve_data_spec
 from hdlm.errors import HDLMError
 from hdlm.hyperschedule import block, flat, quench, slide
 from hdlm.model import HDLMTransformer
@@ -130,7 +130,7 @@ def kernels(rc: ReverseChain) -> list[torch.Tensor]:
     out = []
     with torch.no_grad():
         for t in range(rc.schedule.T):
-            K = rc.kernel(STATES, torch.full((len(STATES),), t))  # (27, D, S)
+            K = rc.kernel_matrix(STATES, torch.full((len(STATES),), t))  # (27, D, S)
             P = torch.ones(len(STATES), len(STATES), dtype=torch.float64)
             for i in range(D):
                 P = P * K[:, i, STATES[:, i]]
@@ -201,7 +201,7 @@ def test_discrete_bound_bounds_exact_nll(kind, proc, hs, configuration, variatio
     # the uniform process's Tweedie step clamps p_z < (1 - e^{-Δσ̄})/N to 0: keep p near uniform
     model = random_model(cfg, seed=len(kind) + hs.T, scale=0.08 if kind == "uniform" else 0.25)
     rc = ReverseChain.from_config(model, cfg, schedule=hs)
-    chain = forward_chain(rc.process, variational)
+    chain = variational_chain(rc.process, variational)
     dc = DenseChain(cfg, variational)
     P = kernels(rc)
     assert torch.allclose(torch.stack(P).sum(-1), torch.ones(1, dtype=torch.float64))
@@ -226,7 +226,7 @@ def test_quench_bound_is_exact(kind, configuration, proc):
     model = random_model(cfg, seed=3, scale=0.6)
     hs = quench(D)
     rc = ReverseChain.from_config(model, cfg, schedule=hs)
-    chain = forward_chain(rc.process)
+    chain = variational_chain(rc.process)
     dc = DenseChain(cfg)
     P = kernels(rc)
     nlls = torch.tensor([exact_nll(P, dc.prior, y) for y in REAL], dtype=torch.float64)
@@ -245,7 +245,7 @@ def test_monte_carlo_estimate_matches_exact_bound():
     model = random_model(cfg, seed=5, scale=0.5)
     hs = block(D, 2)
     rc = ReverseChain.from_config(model, cfg, schedule=hs)
-    chain, dc = forward_chain(rc.process), DenseChain(cfg)
+    chain, dc = variational_chain(rc.process), DenseChain(cfg)
     exact = sum(library_bound(rc, chain, dc, y) for y in REAL)
     for stratified in (False, True):  # t ~ U{0..T-1}, or spread over [0, T) across a sequence's draws
         res = perplexity_bound(model, cfg, REAL, schedule=hs, mc_samples=300, batch_size=64, seed=1,
@@ -321,7 +321,7 @@ def test_forward_posterior_matches_dense_bayes(kind, proc):
         for x, y in itertools.product(range(S), range(N)):
             ref = dense_posterior(dc, x, y, s_now, s_next) if dc.F(s_next, s_now)[x] @ dc.F(0.0, s_next)[:, y] > 0 \
                 else None
-            got = forward_posterior(process, torch.tensor([x]), torch.tensor([y]), s_now, s_next)[0]
+            got = process.posterior(torch.tensor([x]), torch.tensor([y]), s_now, s_next)[0]
             if ref is not None:
                 assert torch.allclose(got, ref, atol=1e-12), (s_now, s_next, x, y)
 
@@ -338,7 +338,7 @@ def test_epsilon_kernel_is_posterior_mean_and_mdlm_at_epsilon_zero():
             a_now, a_next = (math.exp(-dc.sigma(s)) for s in (s_now, s_next))
             transfer = (a_next - a_now) / (1 - a_now)
             for x in range(S):
-                got = epsilon_posterior_probs(process, raw, torch.tensor([x]), s_now, s_next)[0]
+                got = process.reverse_kernel(raw, torch.tensor([x]), s_now, s_next, "posterior")[0]
                 if kind == "epsilon":  # Σ_ŷ q(x_{t+1} | x_t, ŷ) p̂(ŷ), q from dense Bayes
                     ref = sum(p_hat[v] * dense_posterior(dc, x, v, s_now, s_next) for v in range(N))
                 elif x == N:  # MDLM Algorithm 3: reveal with p_transfer, then draw from p̂
@@ -364,7 +364,7 @@ def test_data_spec_and_errors():
 
 
 def test_kernel_chunks_do_not_change_the_bound(monkeypatch):
-    import hdlm.evaluation.likelihood as lik
+    import hdlm.evaluation.discrete as lik
 
     cfg = make_cfg("gamma", gamma=0.2, **GEOMETRIC)
     model = random_model(cfg, seed=9)
@@ -375,11 +375,11 @@ def test_kernel_chunks_do_not_change_the_bound(monkeypatch):
 
 
 def test_cli_writes_table_and_json(tmp_path, capsys):
-    import argparse
     import json
 
     from hdlm.checkpoint import save_pretrained
-    from hdlm.evaluation.likelihood import perplexity_bound_cli
+    from hdlm.cli import build_parser
+    from hdlm.commands.eval import run_ppl
     from hdlm.tokenizers import load_tokenizer
 
     tok = load_tokenizer("gpt2")
@@ -391,9 +391,10 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
     text = tmp_path / "eval.txt"
     text.write_text("\n".join(f" the cat sat on mat number {i} ." for i in range(6)) + "\n")
     out = tmp_path / "ppl.json"
-    args = argparse.Namespace(checkpoint=str(ckpt), data=str(text), mc_samples=8, schedule="flat", steps=4,
-                              estimator="discrete", batch_size=4, seed=0, json=str(out))
-    assert perplexity_bound_cli(args) == 0
+    args = build_parser().parse_args(["eval", "ppl", "--checkpoint", str(ckpt), "--data", str(text), "--mc-samples", "8",
+                                      "--schedule", "flat", "--steps", "4", "--estimator", "discrete",
+                                      "--batch-size", "4", "--seed", "0", "--json", str(out)])
+    assert run_ppl(args) == 0
     assert "| discrete |" in capsys.readouterr().out
     record = json.loads(out.read_text())
     assert record["checkpoint_sha256"] and record["hdlm_version"] and record["command"]
@@ -401,6 +402,6 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
     assert record["estimator"] == "discrete" and record["n_tokens"] % 8 == 0 and math.isfinite(record["nll_per_token"])
     # an untrained (all-zero head) model predicts uniformly: its NLL is exactly log N per token
     assert record["nll_per_token"] + 4 * record["stderr"] >= math.log(tok.vocab_size)
-    bad = argparse.Namespace(checkpoint=str(ckpt), data="hf:no_such_dataset_xyz:test")
+    bad = build_parser().parse_args(["eval", "ppl", "--checkpoint", str(ckpt), "--data", "hf:no_such_dataset_xyz:test"])
     with pytest.raises(HDLMError, match="no_such_dataset_xyz"):
-        perplexity_bound_cli(bad)
+        run_ppl(bad)

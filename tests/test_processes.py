@@ -529,3 +529,37 @@ def test_bad_arguments_raise_hdlm_error():
         Absorb(0, LogLinear())
     with pytest.raises(HDLMError):
         Absorb(5, "loglinear")
+
+
+def test_reverse_kernels_by_name_reach_samplers_and_the_bound_without_touching_callers():
+    """The kernel seam: ``Process.reverse_kernel(raw, x, s_now, s_next, name)`` dispatches to
+    ``kernel_<name>``; a kernel a subclass adds is a sampler (make_sampler) and a bound (ReverseChain)."""
+    from hdlm.evaluation.discrete import ReverseChain
+    from hdlm.hyperschedule import flat
+    from hdlm.sampling import KernelSampler, make_sampler
+
+    N = 5
+    proc = GammaHybrid(N, LogLinear(), 0.2)
+    gen = torch.Generator().manual_seed(0)
+    raw, x = torch.randn(4, N, generator=gen, dtype=F64), torch.tensor([N, 1, N, 3])
+    s_now, s_next = torch.full((4,), 0.7, dtype=F64), torch.tensor([0.4, 0.4, 0.7, 0.0], dtype=F64)
+    got = proc.reverse_kernel(raw, x, s_now, s_next, "analytic")
+    ref = proc.analytic_probs(proc.log_score(raw, x, s_now), x, s_now, s_next)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert torch.equal(got[2], torch.nn.functional.one_hot(x[2], N + 1).double())  # level does not move: stays
+    assert torch.equal(proc.reverse_kernel(raw, x, s_now, s_next), got)  # the default kernel
+    with pytest.raises(HDLMError, match="offers analytic, euler, ar"):
+        proc.reverse_kernel(raw, x, s_now, s_next, "posterior")
+
+    class WithPosterior(GammaHybrid):
+        kernels = GammaHybrid.kernels + ("posterior",)
+
+        def kernel_posterior(self, raw, x, s_now, s_next):
+            return torch.full(raw.shape[:-1] + (self.N + 1,), 1.0 / (self.N + 1), dtype=raw.dtype)
+
+    new = WithPosterior(N, LogLinear(), 0.2)
+    sampler = make_sampler("posterior", new)
+    assert isinstance(sampler, KernelSampler) and sampler.kernel == "posterior"
+    chain = ReverseChain(model=None, process=new, schedule=flat(3, steps=2), kernel="posterior")
+    probs = chain.probs(raw, x, s_now, s_next)
+    assert torch.allclose(probs[0], torch.full((N + 1,), 1.0 / (N + 1), dtype=F64))

@@ -460,9 +460,8 @@ def test_make_sampler_auto_and_errors():
 
 
 def test_posterior_sampler_draws_the_kernel_the_discrete_bound_certifies():
-    """One step of the ε posterior sampler has the law of epsilon_posterior_probs (the bound's kernel),
+    """One step of the ε posterior sampler has the law of the process's "posterior" kernel (the bound's),
     including the final step where revealed tokens are redrawn; for ε = 0 it is Algorithm 3's law."""
-    from hdlm.evaluation.likelihood import epsilon_posterior_probs
     from hdlm.noise import Linear
     from hdlm.processes import EpsilonHybrid
     from hdlm.sampling import make_sampler
@@ -474,7 +473,7 @@ def test_posterior_sampler_draws_the_kernel_the_discrete_bound_certifies():
     x = torch.tensor([N, 2]).expand(M, 2)  # a MASK and a revealed token
     for s_now, s_next in [(0.6, 0.3), (0.3, 0.0)]:
         out = make_sampler("posterior", proc).step(raw, x, s_now, s_next, gen)
-        probs = epsilon_posterior_probs(proc, raw[:1], x[:1], s_now, s_next)[0]
+        probs = proc.reverse_kernel(raw[:1], x[:1], s_now, s_next, "posterior")[0]
         for j in range(2):
             freq = torch.bincount(out[:, j], minlength=N + 1).double() / M
             assert torch.allclose(freq, probs[j], atol=4.5 * (probs[j] * (1 - probs[j]) / M).sqrt().max() + 1e-12)

@@ -18,7 +18,8 @@ from hdlm.checkpoint import load_checkpoint
 from conftest import char_tokenizer_dir
 from hdlm.config import load_config
 from hdlm.errors import HDLMError
-from hdlm.train import _global_indices, batch_seed, lr_factor, micro_batch_size, sample_seeds, train
+from hdlm.optim import lr_factor
+from hdlm.train import _global_indices, batch_seed, micro_batch_size, sample_seeds, train
 
 WORDS = ("the cat dog sat ran on a mat hat big small red blue and then it was here there one two "
          "three new old man saw").split()

@@ -35,7 +35,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from . import __version__
+from ._version import __version__
 from .config import Config
 from .errors import HDLMError
 
@@ -429,7 +429,7 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     Uses the EMA weights when the checkpoint has them (the paper evaluates EMA models).
     Returns ``(model in eval mode on device, config, tokenizer identity)``.
     """
-    from .model import build_model
+    from .backbone import build_model
 
     path = resolve_checkpoint(path)
     meta = _read_meta(path)

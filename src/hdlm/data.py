@@ -494,18 +494,6 @@ def load_split(data_cfg: "DataConfig", split: str, tokenizer: "Tokenizer", d: in
     return ds
 
 
-def unigram_stats(stream: np.ndarray, N: int, fit: Optional[np.ndarray] = None) -> dict:
-    """Add-one (Laplace) unigram model fitted on ``fit`` (default: ``stream``), evaluated on ``stream``.
-
-    Returns ``{"n_tokens", "nll" (mean nats per token), "ppl"}``. A model-free baseline that any
-    trained model should beat by a wide margin, and a check of the data conventions.
-    """
-    counts = np.bincount(np.asarray(stream if fit is None else fit), minlength=N)[:N].astype(np.float64) + 1.0
-    logp = np.log(counts) - np.log(counts.sum())
-    nll = float(-logp[np.asarray(stream, dtype=np.int64)].mean())
-    return {"n_tokens": int(len(stream)), "nll": nll, "ppl": float(np.exp(nll))}
-
-
 __all__ = ["OWT_HOLDOUT", "SPLITS", "Source", "parse_source", "iter_documents", "pack_stream", "pack_blocks",
-           "stream_dtype", "load_token_stream", "TokenDataset", "BatchIterator", "load_split", "unigram_stats",
+           "stream_dtype", "load_token_stream", "TokenDataset", "BatchIterator", "load_split",
            "canonical_split", "nonempty_lines"]

@@ -56,8 +56,6 @@ def _log_default(msg: str) -> None:
 def run_experiment(cfg: Config, out: Path, plan: ExperimentPlan, *, log: Callable[[str], None] = _log_default,
                    judge=None, skip_training: bool = False) -> dict:
     """Train ``cfg`` into ``out/run``, then sample and evaluate as ``plan`` says; returns a JSON-able dict."""
-    from .evaluation.likelihood import perplexity_bound, resolve_data_spec
-    from .hyperschedule import from_config
     from .sampling import HDLMPipeline
     from .train import train
 
@@ -78,64 +76,73 @@ def run_experiment(cfg: Config, out: Path, plan: ExperimentPlan, *, log: Callabl
     result["train"]["tokens"] = cfg.train.steps * cfg.train.batch_size * cfg.model.length
 
     pipe = HDLMPipeline.from_pretrained(run_dir)
-    model, mcfg = pipe.model, pipe.config
     result["tokenizer"] = pipe.tokenizer.identity()
-    hs = from_config(mcfg.schedule, mcfg.model.length)
     if plan.pictures:
-        from .plots.schedule import plot_hyperschedule
-
-        plot_hyperschedule(hs, out / "hyperschedule.png",
-                           title=f"{hs.kind} ω={hs.width} ρ={float(hs.rho):g}: T={hs.T} steps, {hs.levels} levels")
-        if (run_dir / "curves.png").exists():
-            (out / "curves.png").write_bytes((run_dir / "curves.png").read_bytes())
-
-    # perplexity bounds on held-out data
-    from .data import load_split
-
-    data_cfg, split, label = resolve_data_spec(plan.eval_data, mcfg.data)
-    dataset = load_split(data_cfg, split, pipe.tokenizer, mcfg.model.length)
-    n = len(dataset) if plan.eval_sequences is None else min(len(dataset), plan.eval_sequences)
-    data = torch.stack([dataset[i] for i in range(n)])
-    result["eval_data"] = {"spec": label, "sequences": n, "tokens": n * mcfg.model.length}
-    result["bounds"] = {}
-    for est in plan.estimators:
-        t1 = time.perf_counter()
-        log(f"perplexity bound ({est}) on {label}: {n} sequences x {plan.mc_samples} draws")
-        r = perplexity_bound(model, mcfg, data, estimator=est, mc_samples=plan.mc_samples, batch_size=16,
-                             seed=0, progress=True)
-        d = r.to_dict()
-        d["seconds"] = time.perf_counter() - t1
-        result["bounds"][r.estimator] = d
-
-    # samples, one set per setting
-    result["samples"] = []
+        _schedule_pictures(pipe, run_dir, out)
+    result.update(_bounds(pipe, plan, log))
     if plan.judge and judge is None:
         from .evaluation.judge import load_judge
 
         judge = load_judge(plan.judge, cache_dir=plan.cache_dir)
-    for k, st in enumerate(plan.settings):
-        log(f"sampling {plan.num_samples} x {mcfg.model.length} tokens ({st.label}, KV cache)")
-        gen = pipe.generate_ids(plan.num_samples, sampler=st.sampler, rho=st.rho, eta=st.eta, seed=plan.sample_seed,
-                                kv_cache=True, trace=plan.trace and k == 0, progress=True)
-        texts = pipe.decode(gen.tokens)
-        entry = {"setting": st.label, "sampler": gen.sampler, "rho": st.rho, "eta": st.eta,
-                 "steps": gen.steps, "model_calls": gen.n_model_calls, "wall_time": gen.wall_time,
-                 "tokens_per_s": gen.tokens_per_s, "texts": texts, "token_ids": gen.tokens.tolist()}
-        from .evaluation.quality import generative_perplexity, token_entropy
-
-        entry["entropy"] = token_entropy(gen.tokens.tolist())["mean"]
-        if judge is not None:
-            gp = generative_perplexity(texts, judge, progress=False)
-            entry["gen_ppl"] = {k2: gp[k2] for k2 in ("ppl_token_weighted", "ppl_mean_per_sample", "n_tokens",
-                                                       "n_samples", "judge") if k2 in gp}
-        if plan.pictures and k == 0 and gen.trace:
-            from .plots.trace import plot_trace
-
-            tok = pipe.tokenizer
-            plot_trace(gen, out / "trace.png", mask_id=tok.vocab_size,
-                       decode=lambda i: tok.decode([i]) if i < tok.vocab_size else "·",
-                       title=f"denoising trace ({gen.sampler}, {hs.kind} ω={hs.width})")
-        result["samples"].append(entry)
+    result["samples"] = [_samples(pipe, plan, st, k, judge, out, log) for k, st in enumerate(plan.settings)]
     result["seconds"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     return result
+
+
+def _schedule_pictures(pipe, run_dir: Path, out: Path) -> None:
+    """The hyperschedule (Fig. 2 style) and a copy of the training curves."""
+    from .plots.schedule import plot_hyperschedule
+
+    hs = pipe.hyperschedule()
+    plot_hyperschedule(hs, out / "hyperschedule.png",
+                       title=f"{hs.kind} ω={hs.width} ρ={float(hs.rho):g}: T={hs.T} steps, {hs.levels} levels")
+    if (run_dir / "curves.png").exists():
+        (out / "curves.png").write_bytes((run_dir / "curves.png").read_bytes())
+
+
+def _bounds(pipe, plan: ExperimentPlan, log: Callable[[str], None]) -> dict:
+    """Perplexity bounds on held-out data, one per estimator of the plan."""
+    from .data import load_split
+    from .evaluation.likelihood import perplexity_bound, resolve_data_spec
+
+    mcfg = pipe.config
+    data_cfg, split, label = resolve_data_spec(plan.eval_data, mcfg.data)
+    dataset = load_split(data_cfg, split, pipe.tokenizer, mcfg.model.length)
+    n = len(dataset) if plan.eval_sequences is None else min(len(dataset), plan.eval_sequences)
+    data = torch.stack([dataset[i] for i in range(n)])
+    bounds = {}
+    for est in plan.estimators:
+        t1 = time.perf_counter()
+        log(f"perplexity bound ({est}) on {label}: {n} sequences x {plan.mc_samples} draws")
+        r = perplexity_bound(pipe.model, mcfg, data, estimator=est, mc_samples=plan.mc_samples, batch_size=16,
+                             seed=0, progress=True)
+        bounds[r.estimator] = dict(r.to_dict(), seconds=time.perf_counter() - t1)
+    return {"eval_data": {"spec": label, "sequences": n, "tokens": n * mcfg.model.length}, "bounds": bounds}
+
+
+def _samples(pipe, plan: ExperimentPlan, st: SampleSetting, k: int, judge, out: Path,
+             log: Callable[[str], None]) -> dict:
+    """One set of samples (KV cache) with its entropy, generative perplexity and (first set) trace."""
+    from .evaluation.quality import generative_perplexity, token_entropy
+
+    log(f"sampling {plan.num_samples} x {pipe.length} tokens ({st.label}, KV cache)")
+    gen = pipe.generate_ids(plan.num_samples, sampler=st.sampler, rho=st.rho, eta=st.eta, seed=plan.sample_seed,
+                            kv_cache=True, trace=plan.trace and k == 0, progress=True)
+    texts = pipe.decode(gen.tokens)
+    entry = {"setting": st.label, "sampler": gen.sampler, "rho": st.rho, "eta": st.eta,
+             "steps": gen.steps, "model_calls": gen.n_model_calls, "wall_time": gen.wall_time,
+             "tokens_per_s": gen.tokens_per_s, "texts": texts, "token_ids": gen.tokens.tolist(),
+             "entropy": token_entropy(gen.tokens.tolist())["mean"]}
+    if judge is not None:
+        gp = generative_perplexity(texts, judge, progress=False)
+        entry["gen_ppl"] = {key: gp[key] for key in ("ppl_token_weighted", "ppl_mean_per_sample", "n_tokens",
+                                                     "n_samples", "judge") if key in gp}
+    if plan.pictures and k == 0 and gen.trace:
+        from .plots.trace import plot_trace
+
+        tok, hs = pipe.tokenizer, gen.hyperschedule
+        plot_trace(gen, out / "trace.png", mask_id=tok.vocab_size,
+                   decode=lambda i: tok.decode([i]) if i < tok.vocab_size else "·",
+                   title=f"denoising trace ({gen.sampler}, {hs.kind} ω={hs.width})")
+    return entry

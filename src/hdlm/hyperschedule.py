@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .config import SCHEDULE_KINDS as KINDS
+from .config import WINDOWED_KINDS
 from .errors import HDLMError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import ScheduleConfig
-
-KINDS = ("quench", "flat", "block", "slide")
 
 
 @dataclass(frozen=True, eq=False)
@@ -386,16 +386,26 @@ def make_hyperschedule(kind: str, d: int, width: int | None = None, rho: float |
     return build(d, width, rho=1.0 if rho is None else rho)
 
 
-def from_config(schedule_cfg: "ScheduleConfig", d: int) -> Hyperschedule:
-    """The hyperschedule an :class:`~hdlm.config.ScheduleConfig` describes, for length d.
+def from_config(schedule_cfg: "ScheduleConfig", d: int, *, kind: str | None = None, width: int | None = None,
+                rho: float | None = None, steps: int | None = None) -> Hyperschedule:
+    """The hyperschedule an :class:`~hdlm.config.ScheduleConfig` describes for length d, with overrides.
 
-    ``width`` is read for block/slide only and ``steps`` for flat only, as the config documents.
-    For flat with ``steps`` set, ``rho`` at its default 1 means "not given".
+    The one rule by which every command (``sample``, ``eval ppl``, ``eval gen``) and the pipeline
+    merge a checkpoint's schedule with ``--schedule/--width/--rho/--steps``: a value given wins;
+    an unset one comes from the config where it applies to the resulting kind —
+    ``width`` for block/slide (so switching between block and slide keeps the checkpoint's ω;
+    unset in the config: d/4), ``steps`` for flat, ``rho`` for every kind but quench (ρ = 1 by
+    construction). Giving ``rho`` drops the config's ``steps`` and giving ``steps`` its ``rho``
+    (each sets T). For flat with ``steps`` set, ``rho`` at its default 1 means "not given". A value
+    given that does not apply to the kind is an error, never dropped.
     """
-    kind = schedule_cfg.kind
-    width = schedule_cfg.width if kind in ("block", "slide") else None
-    steps = schedule_cfg.steps if kind == "flat" else None
-    rho = schedule_cfg.rho
-    if steps is not None and rho == 1.0:
+    sc = schedule_cfg
+    kind = kind or sc.kind
+    if rho is None and steps is None:
+        rho = sc.rho if (kind == sc.kind or kind != "quench") else None  # quench: rho = 1 by construction
+        steps = sc.steps if kind == "flat" else None
+    if width is None and kind in WINDOWED_KINDS:
+        width = sc.width
+    if kind == "flat" and steps is not None and rho == 1.0:
         rho = None
     return make_hyperschedule(kind, d, width=width, rho=rho, steps=steps)

@@ -22,18 +22,19 @@ predicts position p + shift; SHIFTED intervals start with a copy of the last set
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from . import masks
 from .masks import CellLayout, clean_layout, concat_layouts, interval_layout
+from .runtime import Stream, generator, mix_seed
 
 
 def attention_mask(q_layout: CellLayout, kv_layout: CellLayout, device=None):
     """The mask for a forward pass: a FlexAttention BlockMask on CUDA, a boolean (Lq, Lkv) mask elsewhere."""
-    from . import masks
-
     dev = torch.device(device) if device is not None else q_layout.device
     if dev.type == "cuda":
         return masks.flex_block_mask(q_layout.to(dev), kv_layout.to(dev))
@@ -142,6 +143,113 @@ def stratified_steps(T: int, K: int, generator: torch.Generator) -> tuple[list[i
     return steps, sizes
 
 
+def position_weights(d: int, width: int, device=None, dtype=torch.float32) -> Tensor:
+    """Eq. (11): w(i) = floor(i / omega) / (ceil(d / omega) - 1), and w = 1 when ceil(d/omega) = 1."""
+    n_blocks = math.ceil(d / width)
+    if n_blocks == 1:
+        return torch.ones(d, device=device, dtype=dtype)
+    i = torch.arange(d, device=device)
+    return (i // width).to(dtype) / (n_blocks - 1)
+
+
+def draw_intervals(hs, d: int, shift: int, batch_seed: int, *, n_intervals: int | None = None,
+                   single: bool = False) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """Step 1: the denoising intervals of a batch (shared by its samples): (steps t_k, stratum sizes n_k,
+    active windows [a_k, e_k) of Eq. 1).
+
+    K = ``n_intervals`` (default ceil(d/ω)) steps stratified over [0, T), or one uniform step for the
+    naive ``single`` layout; none for Quench + SHIFTED (the active token is predicted by a clean cell).
+    """
+    gen = generator(batch_seed)
+    K = 1 if single else (n_intervals if n_intervals is not None else -(-d // hs.width))
+    if hs.levels == 1 and shift == 1:
+        K = 0
+    steps, sizes = stratified_steps(hs.T, K, gen) if K > 0 else ([], [])
+    if single:
+        steps, sizes = [int(torch.randint(hs.T, (1,), generator=gen))], [hs.T]
+    lo, hi = hs.splits()
+    return steps, sizes, [(int(lo[t]), int(hi[t])) for t in steps]
+
+
+def interval_cells(windows: list[tuple[int, int]], hs, d: int, shift: int, single: bool, **kw) -> tuple[CellLayout, int]:
+    """Step 2: the cell layout (clean cells ⁀ one noisy copy per interval) and its number of clean cells.
+
+    The clean cells are the settled context of every interval: all d of them (none for Flat, which
+    never has settled tokens), or just the prefix before the one window of the naive layout.
+    """
+    n_clean = windows[0][0] if single else (d if (hs.width < d or any(a > 0 for a, _ in windows)) else 0)
+    parts = [clean_layout(n_clean, shift, **kw)] if n_clean else []
+    parts += [interval_layout(a, e, k + 1, shift, **kw) for k, (a, e) in enumerate(windows)]
+    return concat_layouts(*parts), n_clean
+
+
+def levels_and_rates(hs, steps: list[int], sizes: list[int], windows: list[tuple[int, int]], seeds: Tensor,
+                     d: int) -> tuple[Tensor, Tensor]:
+    """Step 3: per sample and interval, the levels ℓ(u_k) and rates |dℓ/du| · n_k/T, both (B, K, d) float64.
+
+    u_k = (t_k + φ)/T with φ ~ U[0, 1) from each sample's own seed. With 𝒯 = 1 the active tokens are
+    at full noise (level 1, rate 1) and the loss is their cross-entropy.
+    """
+    B = len(seeds)
+    steps_t = torch.tensor(steps, dtype=torch.float64)
+    phi = torch.stack([torch.rand(len(steps), generator=generator(s), dtype=torch.float64)
+                       for s in seeds.tolist()]) if steps else torch.zeros(B, 0, dtype=torch.float64)
+    if hs.levels == 1:
+        lev = torch.zeros(B, len(steps), d, dtype=torch.float64)
+        for k, (a, e) in enumerate(windows):
+            lev[:, k, a:e] = 1.0
+        return lev, (lev > 0).to(torch.float64)
+    u = (steps_t.unsqueeze(0) + phi) / hs.T  # (B, K)
+    weight = (torch.tensor(sizes, dtype=torch.float64) / hs.T)[None, :, None]
+    return hs.level(u).to(torch.float64), hs.level_rate(u).to(torch.float64) * weight
+
+
+def noisy_inputs(y: Tensor, layout: CellLayout, lev: Tensor, process, seeds: Tensor,
+                 discrete: bool) -> tuple[Tensor, Tensor, dict]:
+    """Step 4: the input tokens (B, L), their levels (B, L) and the forward process's aux (B, L).
+
+    Clean cells and SHIFTED's repeated settled token take y; noisy inputs are drawn from
+    q(x | y, ℓ) (the prior when 𝒯 = 1) with each sample's own generator (a stream apart from φ's).
+    """
+    B, L, device = y.shape[0], len(layout), y.device
+    pos, is_clean = layout.pos, layout.is_clean
+    kk = (layout.seg - 1).clamp(min=0)  # interval index of each noisy cell
+    noisy_in = (~is_clean) & (pos >= layout.start)  # noisy input cells (not the SHIFTED repeat)
+    in_pos = pos.clamp(min=0)
+    zero = torch.zeros(1, dtype=lev.dtype, device=device)
+    in_level = torch.where(noisy_in.unsqueeze(0), lev[:, kk, in_pos] if lev.shape[1] else zero.expand(B, L), zero)
+    tokens = _input_tokens(y, pos, process.N + 1).clone()
+    aux: dict = {}
+    idx = noisy_in.nonzero().squeeze(-1)
+    if idx.numel() == 0:
+        return tokens, in_level, aux
+    xs, auxes = [], []
+    for b, s in enumerate(seeds.tolist()):
+        g = generator(mix_seed(s, Stream.FORWARD_NOISE), device)
+        if discrete:
+            xb, ab = process.prior((idx.numel(),), generator=g, device=device), {}
+        else:
+            xb, ab = process.sample_forward(y[b, in_pos[idx]], in_level[b, idx], generator=g)
+        xs.append(xb)
+        auxes.append(ab)
+    tokens[:, idx] = torch.stack(xs)
+    for key in auxes[0]:
+        aux[key] = torch.zeros(B, L, dtype=auxes[0][key].dtype, device=device)
+        aux[key][:, idx] = torch.stack([a[key] for a in auxes])
+    return tokens, in_level, aux
+
+
+def target_levels(layout: CellLayout, lev: Tensor, shift: int, d: int) -> Tensor:
+    """The level (B, L) of the position each cell predicts: 0 for clean cells, 1 past the end."""
+    B, L = lev.shape[0], len(layout)
+    target = layout.pos + shift
+    kk = (layout.seg - 1).clamp(min=0)
+    zero = torch.zeros(1, dtype=lev.dtype, device=lev.device)
+    noisy = lev[:, kk, target.clamp(max=d - 1)] if lev.shape[1] else zero.expand(B, L)
+    out = torch.where(layout.is_clean.unsqueeze(0), zero, noisy)
+    return torch.where((target >= d).unsqueeze(0), torch.ones_like(out), out)
+
+
 def training_cells(y: Tensor, hs, process, shift: int, seeds: Tensor, batch_seed: int, *,
                    n_intervals: int | None = None, single: bool = False, use_ce: bool = True,
                    settled_attention: str = "causal", block_width: int = 1) -> TrainingCells:
@@ -153,111 +261,40 @@ def training_cells(y: Tensor, hs, process, shift: int, seeds: Tensor, batch_seed
     clean cells' cross-entropy (meaningful for SHIFTED, where a clean cell predicts the next token).
     """
     B, d = y.shape
-    device = y.device
-    T = hs.T
-    omega = hs.width
+    kw = dict(settled_attention=settled_attention, block_width=block_width, device=y.device)
+    steps, sizes, windows = draw_intervals(hs, d, shift, batch_seed, n_intervals=n_intervals, single=single)
+    layout, n_clean = interval_cells(windows, hs, d, shift, single, **kw)
+    lev, rate = (t.to(y.device) for t in levels_and_rates(hs, steps, sizes, windows, seeds, d))
     discrete = hs.levels == 1
-    gen = torch.Generator().manual_seed(int(batch_seed))
-    if single:
-        K = 1
-    elif n_intervals is not None:
-        K = n_intervals
-    else:
-        K = -(-d // omega)
-    if discrete and shift == 1:
-        K = 0  # Quench + SHIFTED: the active token's prediction is the clean cell's (plain AR)
-    steps, sizes = stratified_steps(T, K, gen) if K > 0 else ([], [])
-    if single:  # one uniformly drawn step
-        steps, sizes = [int(torch.randint(T, (1,), generator=gen))], [T]
-    splits_lo, splits_hi = hs.splits()
-    windows = [(int(splits_lo[t]), int(splits_hi[t])) for t in steps]
-
-    kw = dict(settled_attention=settled_attention, block_width=block_width, device=device)
-    # clean cells: the settled context of every interval (all d of them; none for Flat, which never
-    # has settled tokens), or just the prefix before the one window of the naive layout
-    n_clean = windows[0][0] if single else (d if (hs.width < d or any(a > 0 for a, _ in windows)) else 0)
-    parts = [clean_layout(n_clean, shift, **kw)] if n_clean else []
-    for k, (a, e) in enumerate(windows):
-        parts.append(interval_layout(a, e, k + 1, shift, **kw))
-    layout = concat_layouts(*parts)
-    pos, seg = layout.pos, layout.seg
-    L = len(layout)
-    is_clean = seg == 0
-    kk = (seg - 1).clamp(min=0)  # interval index of each noisy cell
-
-    # per-sample continuous times u_k = (t_k + φ)/T and levels ℓ(u_k), rates |dℓ/du|
-    steps_t = torch.tensor(steps, dtype=torch.float64)
-    phi = torch.stack([torch.rand(len(steps), generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
-                       for s in seeds.tolist()]) if steps else torch.zeros(B, 0, dtype=torch.float64)
-    u = (steps_t.unsqueeze(0) + phi) / T  # (B, K)
-    if discrete:
-        lev = torch.zeros(B, len(steps), d, dtype=torch.float64)
-        for k, (a, e) in enumerate(windows):
-            lev[:, k, a:e] = 1.0
-        rate = (lev > 0).to(torch.float64)
-    else:
-        lev = hs.level(u).to(torch.float64)  # (B, K, d)
-        rate = hs.level_rate(u).to(torch.float64) * (torch.tensor(sizes, dtype=torch.float64) / T)[None, :, None]
-    lev = lev.to(device)
-    rate = rate.to(device)
-
-    # input tokens: clean cells and the repeated settled token take y; noisy inputs are drawn
-    # from q(x | y, ℓ) with the sample's own generator
-    bos = process.N + 1
-    clean_tok = _input_tokens(y, pos, bos)
-    noisy_in = (~is_clean) & (pos >= layout.start)  # noisy input cells (not the SHIFTED repeat)
-    in_pos = pos.clamp(min=0)
-    in_level = torch.where(noisy_in.unsqueeze(0), lev[:, kk, in_pos] if steps else torch.zeros(B, L, dtype=lev.dtype),
-                           torch.zeros(1, dtype=lev.dtype, device=device))
-    tokens = clean_tok.clone()
-    aux_all: dict = {}
-    idx = noisy_in.nonzero().squeeze(-1)
-    if idx.numel():
-        xs, auxes = [], []
-        for b, s in enumerate(seeds.tolist()):
-            g = torch.Generator(device=device).manual_seed((int(s) * 1_000_003 + 7) % (2**63 - 1))  # stream apart from φ's
-            if discrete:
-                xb = process.prior((idx.numel(),), generator=g, device=device)
-                ab: dict = {}
-            else:
-                xb, ab = process.sample_forward(y[b, in_pos[idx]], in_level[b, idx], generator=g)
-            xs.append(xb)
-            auxes.append(ab)
-        tokens[:, idx] = torch.stack(xs)
-        for key in auxes[0]:
-            full = torch.zeros(B, L, dtype=auxes[0][key].dtype, device=device)
-            full[:, idx] = torch.stack([a[key] for a in auxes])
-            aux_all[key] = full
-
-    target = pos + shift
-    target_level = torch.where(is_clean.unsqueeze(0), torch.zeros(1, dtype=lev.dtype, device=device),
-                               lev[:, kk, target.clamp(max=d - 1)] if steps else torch.zeros(B, L, dtype=lev.dtype))
-    target_level = torch.where((target >= d).unsqueeze(0), torch.ones_like(target_level), target_level)
+    tokens, in_level, aux = noisy_inputs(y, layout, lev, process, seeds, discrete)
+    target_level = target_levels(layout, lev, shift, d)
     sigma = process.noise.sigma_bar(target_level.float())
     keep = process.embed_keep(tokens.clamp(max=process.N), in_level.float())
-    cells = Cells(tokens, sigma, keep, pos + shift, layout, n_clean)
+    cells = Cells(tokens, sigma, keep, layout.pos + shift, layout, n_clean)
+    return loss_targets(cells, y, windows, lev, rate, target_level, aux, shift, discrete,
+                        use_ce=use_ce, single=single, width=hs.width)
 
-    # what the loss needs: cross-entropy on clean cells (SHIFTED), diffusion on noisy targets
+
+def loss_targets(cells: Cells, y: Tensor, windows: list[tuple[int, int]], lev: Tensor, rate: Tensor,
+                 target_level: Tensor, aux: dict, shift: int, discrete: bool, *, use_ce: bool, single: bool,
+                 width: int) -> TrainingCells:
+    """Step 5: what the loss needs — cross-entropy on clean cells (SHIFTED), diffusion on noisy targets."""
+    layout, n_clean, device = cells.layout, cells.n_clean, y.device
+    d = y.shape[1]
+    target = layout.pos + shift
+    kk = (layout.seg - 1).clamp(min=0)
     if use_ce and shift == 1 and n_clean:
         ce_index = torch.arange(n_clean, device=device)
-        ce_weight = torch.ones(n_clean, dtype=torch.float32, device=device)
-        if single:
-            from .objective import position_weights
-            ce_weight = position_weights(d, omega, device=device)[:n_clean]
+        ce_weight = (position_weights(d, width, device=device)[:n_clean] if single
+                     else torch.ones(n_clean, dtype=torch.float32, device=device))
     else:
         ce_index = torch.zeros(0, dtype=torch.long, device=device)
         ce_weight = torch.zeros(0, device=device)
-    ce_target = y[:, target[ce_index]]
-
     ends = torch.tensor([0] + [e for _, e in windows], dtype=torch.long, device=device)
-    diff_mask = (~is_clean) & (target < ends[seg])  # SHIFTED: the last cell predicts `end` and is dropped
-    diff_index = diff_mask.nonzero().squeeze(-1)
-    # the noisy token at the predicted position is the input of the cell `shift` places later
-    src = diff_index + shift
-    diff_x = tokens[:, src]
-    diff_y = y[:, target[diff_index]]
-    diff_level = target_level[:, diff_index]
-    diff_rate = rate[:, kk[diff_index], target[diff_index]] if steps else torch.zeros(B, 0, device=device)
-    diff_aux = {key: v[:, src] for key, v in aux_all.items()}
-    return TrainingCells(cells, ce_index, ce_target, ce_weight, diff_index, diff_x, diff_y,
-                         diff_level, diff_rate, diff_aux, discrete)
+    # SHIFTED: the last cell of an interval predicts `end` and is dropped
+    diff_index = ((~layout.is_clean) & (target < ends[layout.seg])).nonzero().squeeze(-1)
+    src = diff_index + shift  # the noisy token at the predicted position is the input `shift` cells later
+    diff_rate = rate[:, kk[diff_index], target[diff_index]] if windows else torch.zeros(y.shape[0], 0, device=device)
+    return TrainingCells(cells, ce_index, y[:, target[ce_index]], ce_weight, diff_index, cells.tokens[:, src],
+                         y[:, target[diff_index]], target_level[:, diff_index], diff_rate,
+                         {key: v[:, src] for key, v in aux.items()}, discrete)

@@ -97,10 +97,6 @@ class CellLayout:
 # building layouts
 
 
-def _long(values: Any, device: Any = None) -> Tensor:
-    return torch.as_tensor(values, dtype=torch.long, device=device)
-
-
 def clean_layout(n: int, shift: int, *, settled_attention: str = "causal", block_width: int = 1,
                  device: Any = None) -> CellLayout:
     """The n clean cells predicting positions 0..n−1: inputs p = −shift .. n−1−shift."""
@@ -213,9 +209,6 @@ class _LRU:
         while len(self.data) > self.maxsize:
             self.data.popitem(last=False)
 
-    def clear(self) -> None:
-        self.data.clear()
-
 
 _MASK_CACHE = _LRU(maxsize=64)
 
@@ -223,11 +216,6 @@ _MASK_CACHE = _LRU(maxsize=64)
 def _layout_key(layout: CellLayout) -> tuple:
     meta = torch.stack([layout.pos, layout.seg, layout.start]).cpu()
     return (len(layout), meta.numpy().tobytes(), layout.settings())
-
-
-def clear_mask_cache() -> None:
-    """Forget every built mask (e.g. to free GPU memory)."""
-    _MASK_CACHE.clear()
 
 
 def dense_mask(q_layout: CellLayout, kv_layout: CellLayout | None = None, device: Any = None) -> Tensor:

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from . import masks as masks_lib
 from .config import ModelConfig
 from .errors import HDLMError
-from .objective import weighted_embedding
 
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal width of the σ̄ embedding (DiT / SEDD)
 ROTARY_BASE = 10000.0
@@ -97,6 +96,20 @@ class KVCache:
 
 # --------------------------------------------------------------------------------------------
 # building blocks
+
+
+def weighted_embedding(weight: Tensor, tokens: Tensor, keep: Tensor | None, mask_id: int) -> Tensor:
+    """Eq. (12): e^{-gamma sigma_bar} f(x) + (1 - e^{-gamma sigma_bar}) f(MASK).
+
+    ``weight`` is the (V, h) embedding table, ``tokens`` (B, L) ids, ``keep`` (B, L) the
+    per-token keep weight from :meth:`Process.embed_keep` (None: plain embedding).
+    """
+    emb = weight[tokens]
+    if keep is None:
+        return emb
+    keep = keep.to(emb.dtype).unsqueeze(-1)
+    return keep * emb + (1.0 - keep) * weight[mask_id]
+
 
 
 def timestep_embedding(sigma: Tensor, dim: int = FREQUENCY_EMBEDDING_SIZE, max_period: float = 10000.0) -> Tensor:
@@ -333,18 +346,3 @@ class HDLMTransformer(nn.Module):
         else:
             raw = F.linear(x, self.token_embedding, self.head_bias)
         return raw[..., : self.n_real]
-
-
-# --------------------------------------------------------------------------------------------
-# the backbone factory
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The backbone ``cfg.backbone`` names: the DiT (:class:`HDLMTransformer`) or a converted Hugging
-    Face causal LM (:class:`hdlm.hf_backbone.HFBackbone`, randomly initialised here: its weights come
-    from a checkpoint). Both have the same ``forward``/``new_cache``/``n_real``/``cfg`` interface."""
-    if cfg.backbone == "hf":
-        from .hf_backbone import HFBackbone
-
-        return HFBackbone(cfg)
-    return HDLMTransformer(cfg)

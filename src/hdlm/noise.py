@@ -11,6 +11,7 @@ objects map that s to sigma_bar / alpha elementwise, so they accept tensors of a
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 
@@ -135,6 +136,23 @@ class Cosine(NoiseSchedule):
         return 0.5 * math.pi / torch.tan(0.25 * math.pi * s)
 
 
+class Scaled(NoiseSchedule):
+    """c · sigma_bar(s) of another schedule: e.g. the absorbing part (1 - gamma) sigma_bar of a gamma-hybrid."""
+
+    def __init__(self, inner: NoiseSchedule, factor: float):
+        if not factor > 0.0:
+            raise HDLMError(f"scaled noise: factor = {factor} must be > 0")
+        self.inner = inner
+        self.factor = float(factor)
+        self.name = f"{factor:g}x{inner.name}"
+
+    def sigma_bar(self, s: Tensor) -> Tensor:
+        return self.factor * self.inner.sigma_bar(s)
+
+    def dsigma_bar(self, s: Tensor) -> Tensor:
+        return self.factor * self.inner.dsigma_bar(s)
+
+
 NOISE_SCHEDULES = {c.name: c for c in (LogLinear, Linear, Geometric, Cosine)}
 
 
@@ -143,7 +161,5 @@ def make_noise(name: str, **kwargs) -> NoiseSchedule:
     if name not in NOISE_SCHEDULES:
         raise HDLMError(f"noise schedule '{name}': must be one of {sorted(NOISE_SCHEDULES)}")
     cls = NOISE_SCHEDULES[name]
-    import inspect
-
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     return cls(**{k: v for k, v in kwargs.items() if k in accepted})

@@ -1,35 +1,17 @@
-"""The training objective of the paper: Eq. (10) with the position weights of Eq. (11),
-and the weighted token embedding of Eq. (12) that the model calls.
+"""The training objective of the paper, Eq. (10): β₁·CE on settled tokens + β₂·(DWDSE | HDCE) on active ones.
+
+The cells it runs over (and the Eq. (11) position weights of the naive layout) come from
+:mod:`hdlm.layout`; the Eq. (12) weighted token embedding is the model's (:mod:`hdlm.model`).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-
-def weighted_embedding(weight: Tensor, tokens: Tensor, keep: Tensor | None, mask_id: int) -> Tensor:
-    """Eq. (12): e^{-gamma sigma_bar} f(x) + (1 - e^{-gamma sigma_bar}) f(MASK).
-
-    ``weight`` is the (V, h) embedding table, ``tokens`` (B, L) ids, ``keep`` (B, L) the
-    per-token keep weight from :meth:`Process.embed_keep` (None: plain embedding).
-    """
-    emb = weight[tokens]
-    if keep is None:
-        return emb
-    keep = keep.to(emb.dtype).unsqueeze(-1)
-    return keep * emb + (1.0 - keep) * weight[mask_id]
-
-
-def position_weights(d: int, width: int, device=None, dtype=torch.float32) -> Tensor:
-    """Eq. (11): w(i) = floor(i / omega) / (ceil(d / omega) - 1), and w = 1 when ceil(d/omega) = 1."""
-    n_blocks = math.ceil(d / width)
-    if n_blocks == 1:
-        return torch.ones(d, device=device, dtype=dtype)
-    i = torch.arange(d, device=device)
-    return (i // width).to(dtype) / (n_blocks - 1)
+from .hyperschedule import from_config
+from .layout import attention_mask, training_cells
+from .processes import cross_entropy, make_process
 
 
 class Objective:
@@ -42,9 +24,6 @@ class Objective:
     """
 
     def __init__(self, cfg, vocab_size: int):
-        from .hyperschedule import from_config
-        from .processes import make_process
-
         self.cfg = cfg
         self.process = make_process(cfg.process, vocab_size)
         self.hyperschedule = from_config(cfg.schedule, cfg.model.length)
@@ -61,16 +40,11 @@ class Objective:
         return self.hyperschedule.levels == 1 and self.shift == 1
 
     def cells(self, y: Tensor, seeds: Tensor, batch_seed: int, single: bool = False):
-        from .layout import training_cells
-
         return training_cells(y, self.hyperschedule, self.process, self.shift, seeds, batch_seed,
                               n_intervals=self.n_intervals, single=single, use_ce=self.beta1 > 0 or self.is_ar,
                               settled_attention=self.settled_attention, block_width=self.block_width)
 
     def __call__(self, model, y: Tensor, seeds: Tensor, batch_seed: int, single: bool = False):
-        from .layout import attention_mask
-        from .processes import cross_entropy
-
         tc = self.cells(y, seeds, batch_seed, single=single)
         c = tc.cells
         kc = tc.ce_index.numel()

@@ -16,7 +16,6 @@ block.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -25,7 +24,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..config import ESTIMATORS, VARIATIONAL_CHAINS
 from ..errors import HDLMError
+from . import add_schedule_options
 
 DEFAULT_CACHE = ".hdlm_cache"
 DEFAULT_REFERENCE = "ptb:test"
@@ -46,13 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", metavar="DIR", help="sample from this checkpoint first, then judge the samples")
     gen.add_argument("--num-samples", type=int, default=None, metavar="N",
                      help="with --checkpoint: how many samples to generate (default: the sampler's)")
-    gen.add_argument("--schedule", default=None, metavar="KIND",
-                     help="with --checkpoint: hyperschedule kind to sample with (quench|flat|block|slide; "
-                          "default: the checkpoint's)")
-    gen.add_argument("--width", type=int, default=None, metavar="W",
-                     help="with --checkpoint: window width omega (default: the checkpoint's)")
-    gen.add_argument("--rho", type=float, default=None, metavar="R",
-                     help="with --checkpoint: generation rate rho (default: the checkpoint's)")
+    add_schedule_options(gen, "with --checkpoint: ")
     gen.add_argument("--save-samples", metavar="FILE", default=None,
                      help="with --checkpoint: also write the generated samples to this .jsonl file")
     gen.add_argument("--judge", default=None, metavar="SPEC",
@@ -92,18 +87,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="evaluation data: DATASET:SPLIT, e.g. ptb:test (default), hf:lm1b:test, or a local file")
     ppl.add_argument("--mc-samples", type=int, default=None, metavar="M",
                      help="Monte-Carlo draws per sequence (default: the estimator's)")
-    ppl.add_argument("--estimator", default=None, metavar="NAME",
+    ppl.add_argument("--estimator", default="discrete", choices=ESTIMATORS,
                      help="discrete (default: bound of the T-step sampler) or continuous (Alg. 1 training NELBO)")
-    ppl.add_argument("--variational", default=None, metavar="NAME",
+    ppl.add_argument("--variational", default="auto", choices=VARIATIONAL_CHAINS,
                      help="discrete estimator's noising chain: auto (default), forward or absorb")
-    ppl.add_argument("--schedule", default=None, metavar="KIND",
-                     help="hyperschedule kind to evaluate under (quench|flat|block|slide; default: the checkpoint's)")
-    ppl.add_argument("--width", type=int, default=None, metavar="W",
-                     help="window width omega (default: the checkpoint's)")
-    ppl.add_argument("--rho", type=float, default=None, metavar="R",
-                     help="generation rate rho (default: the checkpoint's)")
-    ppl.add_argument("--steps", type=int, default=None, metavar="T", help="flat only: number of steps T")
-    ppl.add_argument("--batch-size", type=int, default=None, metavar="B",
+    ppl.add_argument("--no-stratify", action="store_true",
+                     help="draw each sequence's M steps independently (default: stratified over [0, T))")
+    add_schedule_options(ppl, "to evaluate under: ")
+    ppl.add_argument("--batch-size", type=int, default=8, metavar="B",
                      help="sequences per forward pass (default 8)")
     ppl.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the Monte-Carlo draws (default 0)")
     ppl.add_argument("--device", default=None, metavar="DEV", help="auto | cpu | cuda | cuda:K (default auto)")
@@ -186,22 +177,13 @@ def reference_texts(spec: str, n: int, words: int) -> list[str]:
 
 
 def _sample_from_checkpoint(args: argparse.Namespace) -> list[dict]:
-    """Sample with :mod:`hdlm.sampling.pipeline` (``generate_samples_cli(args) -> [{"text", "token_ids"}]``)."""
-    try:
-        pipeline = importlib.import_module("hdlm.sampling.pipeline")
-    except ModuleNotFoundError as e:
-        if e.name in ("hdlm.sampling", "hdlm.sampling.pipeline"):
-            raise HDLMError("eval gen --checkpoint is not available yet (needs hdlm.sampling.pipeline); "
-                            "sample with 'hdlm sample' and pass --samples FILE") from None
-        raise
-    generate = getattr(pipeline, "generate_samples_cli", None)
-    if generate is None:
-        raise HDLMError("eval gen --checkpoint is not available yet (hdlm.sampling.pipeline has no "
-                        "generate_samples_cli); sample with 'hdlm sample' and pass --samples FILE")
-    records = [{"text": r["text"], "token_ids": r.get("token_ids")} for r in generate(args)]
-    if not records:
-        raise HDLMError("the sampler returned no samples")
-    return records
+    """``eval gen --checkpoint``: samples [{"text", "token_ids"}] from :class:`hdlm.sampling.HDLMPipeline`."""
+    from ..sampling.pipeline import HDLMPipeline
+
+    pipe = HDLMPipeline.from_pretrained(args.checkpoint, device=args.device)
+    result = pipe.generate_ids(args.num_samples, schedule=args.schedule, width=args.width, rho=args.rho,
+                               steps=args.steps, seed=args.seed, progress=True)
+    return [{"text": text, "token_ids": ids} for text, ids in zip(pipe.decode(result.tokens), result.tokens.tolist())]
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -227,7 +209,7 @@ def markdown_table(result: dict) -> str:
 
 
 def run_gen(args: argparse.Namespace) -> int:
-    from .. import __version__
+    from .._version import __version__
     from ..evaluation.judge import load_judge
     from ..evaluation.quality import generative_perplexity, mauve_score, token_entropy
 
@@ -286,13 +268,47 @@ def run_gen(args: argparse.Namespace) -> int:
 # ppl
 
 
-def run_ppl(args: argparse.Namespace) -> int:
+def _checkpoint_sha256(path) -> str | None:
+    from ..checkpoint import EMA_FILE, META_FILE, MODEL_FILE, resolve_checkpoint
+
+    folder = resolve_checkpoint(path)
     try:
-        from ..evaluation.likelihood import perplexity_bound_cli
-    except ModuleNotFoundError as e:
-        if e.name == "hdlm.evaluation.likelihood":
-            raise HDLMError("eval ppl is not available yet") from None
-        raise
-    except ImportError:  # the module exists but does not define the entry point yet
-        raise HDLMError("eval ppl is not available yet") from None
-    return int(perplexity_bound_cli(args) or 0)
+        sha = json.loads((folder / META_FILE).read_text()).get("sha256", {})
+    except (OSError, json.JSONDecodeError):
+        return None
+    return sha.get(EMA_FILE) or sha.get(MODEL_FILE)
+
+
+def run_ppl(args: argparse.Namespace) -> int:
+    """``hdlm eval ppl``: load a checkpoint and data, print a markdown table, optionally write JSON."""
+    from .._version import __version__
+    from ..checkpoint import from_pretrained
+    from ..data import load_split
+    from ..evaluation.likelihood import perplexity_bound, resolve_data_spec
+    from ..hyperschedule import from_config
+    from ..runtime import resolve_device, setup_distributed
+    from ..tokenizers import load_tokenizer
+
+    dist = setup_distributed(args.device or "auto")
+    device = resolve_device(args.device, dist.local_rank if dist.active else None, name="--device")
+    model, cfg, tok_identity = from_pretrained(args.checkpoint, device=device)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer.check_matches(tok_identity)
+    data_cfg, split, label = resolve_data_spec(args.data, cfg.data)
+    dataset = load_split(data_cfg, split, tokenizer, cfg.model.length)
+    schedule = from_config(cfg.schedule, cfg.model.length, kind=args.schedule, width=args.width, rho=args.rho,
+                           steps=args.steps)
+    result = perplexity_bound(model, cfg, dataset, estimator=args.estimator, mc_samples=args.mc_samples,
+                              schedule=schedule, batch_size=args.batch_size, seed=args.seed, device=device,
+                              progress=True, variational=args.variational, stratified=not args.no_stratify)
+    if not dist.main:
+        return 0
+    print(result.to_markdown(label))
+    if args.json:
+        record = {"command": shlex.join(sys.argv), "checkpoint": str(args.checkpoint),
+                  "checkpoint_sha256": _checkpoint_sha256(args.checkpoint), "hdlm_version": __version__,
+                  "data": label, "seed": args.seed, **result.to_dict()}
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return 0

@@ -14,6 +14,8 @@ import json
 import shlex
 from pathlib import Path
 
+from . import add_config_help
+
 # name -> (overrides over the base, sampler settings: list of (sampler, eta))
 LADDER: dict[str, tuple[list[str], list[tuple[str, float | None]]]] = {
     "sedd-absorb-flat": (["process.kind=absorb", "schedule.kind=flat"], [("analytic", None)]),
@@ -42,6 +44,7 @@ SCALES = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_help(p)
     p.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE", help="overrides applied to every entry")
     p.add_argument("--out", default="repro", help="output folder (default: repro)")
     p.add_argument("--scale", choices=sorted(SCALES), default="tiny", help="tiny (CPU) or paper (GPUs)")

@@ -12,10 +12,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from .. import __version__
+from .._version import __version__
+from . import add_config_help
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_help(p)
     p.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE",
                    help="dotted config overrides, e.g. train.steps=200 schedule.width=8")
     p.add_argument("--config", default="tiny-ptb", help="preset name or YAML file (default: tiny-ptb)")
@@ -111,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     res = run_experiment(cfg, out, plan, skip_training=args.reuse)
     unigram = None
     try:
-        from ..data import load_token_stream, unigram_stats
+        from ..data import load_token_stream
+        from ..evaluation.quality import unigram_stats
         from ..tokenizers import load_tokenizer
 
         if cfg.data.dataset == "ptb":

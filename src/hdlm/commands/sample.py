@@ -16,10 +16,9 @@ import argparse
 import json
 import sys
 
+from ..config import DRAW_METHODS, SAMPLER_NAMES
 from ..errors import HDLMError
-
-SCHEDULE_KINDS = ("quench", "flat", "block", "slide")
-from ..sampling.samplers import SAMPLERS as SAMPLER_NAMES
+from . import add_schedule_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,11 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=None, metavar="TEXT", help="condition on this text (settled from the start)")
     p.add_argument("--num-samples", type=int, default=None, metavar="N", help="number of samples (sample.num_samples)")
     p.add_argument("--batch-size", type=int, default=None, metavar="B", help="samples per batch (sample.batch_size)")
-    p.add_argument("--schedule", choices=SCHEDULE_KINDS, default=None,
-                   help="hyperschedule kind (default: the checkpoint's schedule.kind)")
-    p.add_argument("--width", type=int, default=None, metavar="W", help="window width omega (block/slide)")
-    p.add_argument("--rho", type=float, default=None, metavar="R", help="generation rate rho, tokens per step")
-    p.add_argument("--steps", type=int, default=None, metavar="T", help="number of steps T (flat only)")
+    add_schedule_options(p)
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
                    help="auto: analytic (gamma family), ancestral (epsilon family), ar (quench)")
     p.add_argument("--eta", type=float, default=None, metavar="E", help="ACS correction strength eta")
@@ -41,8 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed: the same seed gives the same text on the same device")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:K (default: auto)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the settled prefix at every step")
-    p.add_argument("--float32-gumbel", action="store_true",
-                   help="reproduce the flawed float32 Gumbel-max draws of the reference code (App. F.2)")
+    p.add_argument("--draw", choices=DRAW_METHODS, default=None,
+                   help="token draws (sample.draw): cdf = exact float64 inverse CDF (default), gumbel = float64 "
+                        "Gumbel-max, float32-gumbel = the reference code's flawed draws (App. F.2, Table 5)")
+    p.add_argument("--float32-gumbel", dest="draw", action="store_const", const="float32-gumbel",
+                   help=argparse.SUPPRESS)  # older spelling of --draw float32-gumbel
     p.add_argument("--json", action="store_true",
                    help="print JSON (texts, token ids, steps, model calls, wall time, tokens/s)")
     p.add_argument("--out", default=None, metavar="FILE", help="write the texts / JSON to FILE instead of stdout")
@@ -59,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         args.num_samples, args.prompt, schedule=args.schedule, width=args.width, rho=args.rho, steps=args.steps,
         sampler=args.sampler, eta=args.eta, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, kv_cache=False if args.no_kv_cache else None, batch_size=args.batch_size,
-        float64=False if args.float32_gumbel else None, trace=args.trace is not None,
+        draw=args.draw, trace=args.trace is not None,
         progress=not args.no_progress)
     texts = pipe.decode(result.tokens)
     hs = result.hyperschedule
@@ -73,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             "hyperschedule": {k: v for k, v in hs.to_dict().items() if k != "table"},
             "sampler": result.sampler, "steps": result.steps, "n_model_calls": result.n_model_calls,
             "wall_time": result.wall_time, "tokens_per_s": result.tokens_per_s,
-            "kv_cache": not args.no_kv_cache, "float64": not args.float32_gumbel,
+            "kv_cache": not args.no_kv_cache, "draw": args.draw or pipe.config.sample.draw,
         }, ensure_ascii=False)
     else:
         out = "\n\n".join(f"=== sample {k} ===\n{t}" for k, t in enumerate(texts))

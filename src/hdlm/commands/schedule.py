@@ -12,8 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from typing import TYPE_CHECKING
+
+from ..config import SCHEDULE_KINDS as KINDS
 from ..errors import HDLMError
-from ..hyperschedule import KINDS, Hyperschedule, make_hyperschedule
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..hyperschedule import Hyperschedule
 
 # Print the whole table only while it stays readable in a terminal.
 MAX_PRINT_D = 80
@@ -38,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="write a Fig. 2-style heat map to FILE and print its path")
 
 
-def format_table(hs: Hyperschedule) -> str:
+def format_table(hs: "Hyperschedule") -> str:
     """τ[t, i] one row per step, each row followed by its Eq. (1) split for t → t+1, then a summary."""
     lines = []
     if hs.d <= MAX_PRINT_D and hs.T <= MAX_PRINT_T:
@@ -61,6 +66,8 @@ def format_table(hs: Hyperschedule) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..hyperschedule import make_hyperschedule
+
     hs = make_hyperschedule(args.kind, args.length, width=args.width, rho=args.rho, steps=args.steps)
     if args.json:
         print(json.dumps(hs.to_dict()))

@@ -6,19 +6,20 @@ Examples::
     hdlm train --config owt-gamma-110m train.batch_size=64 --out runs/owt
     hdlm train --resume runs/owt                 # continue exactly where the last checkpoint left off
     hdlm train --config owt-gamma-block-stage2 --init-from runs/owt   # Stage 2 from a Stage-1 run
-    torchrun --nproc_per_node=8 -m hdlm.train --config owt-gamma-110m
+    torchrun --nproc_per_node=8 -m hdlm train --config owt-gamma-110m
 """
 
 from __future__ import annotations
 
 import argparse
 
+from . import add_config_help
+
 DEFAULT_PRESET = "tiny-ptb"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = "examples:" + __doc__.split("Examples::", 1)[1].rstrip()
+    add_config_help(p, "examples:" + __doc__.split("Examples::", 1)[1].rstrip())
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.lr=1e-3")
     p.add_argument("--config", "-c", metavar="PRESET|FILE",
                    help=f"a preset name or a YAML file (default: {DEFAULT_PRESET}; with --resume: the checkpoint's)")
@@ -34,9 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace):
     """The run's config: preset/file (or the resumed checkpoint's), then overrides, then the flags."""
     from ..checkpoint import read_config
-    from ..config import _parse_overrides, load_config
+    from ..config import load_config, parse_overrides
 
-    overrides = _parse_overrides(list(args.overrides) + list(args.sets))
+    overrides = parse_overrides(list(args.overrides) + list(args.sets))
     for flag, key in (("out", "train.out_dir"), ("init_from", "train.init_from"), ("device", "train.device"),
                       ("steps", "train.steps")):
         value = getattr(args, flag)

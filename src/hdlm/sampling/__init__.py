@@ -14,6 +14,7 @@ from .samplers import (
     PosteriorSampler,
     ARSampler,
     Categorical,
+    KernelSampler,
     Sampler,
     ScoreSampler,
     gumbel_max_draw,
@@ -23,7 +24,7 @@ from .samplers import (
 )
 
 __all__ = [
-    "SAMPLERS", "AncestralSampler", "ARSampler", "Categorical", "GenerationResult", "HDLMPipeline", "PosteriorSampler", "Sampler",
+    "SAMPLERS", "AncestralSampler", "ARSampler", "Categorical", "GenerationResult", "HDLMPipeline", "KernelSampler", "PosteriorSampler", "Sampler",
     "ScoreSampler", "StepInfo", "TraceStep", "generate", "gumbel_max_draw", "inverse_cdf_draw", "make_sampler",
     "resolve_device", "shape_log_probs",
 ]

@@ -102,6 +102,21 @@ def _final_clean(n: int, d: int, settled_attention: str, width: int) -> int:
     return (n // width) * width
 
 
+def _checked_inputs(model, process, batch_size: int, generator) -> tuple[torch.device, torch.Generator]:
+    """The model's device and the generator (default: seed 0 there), after checking the inputs agree."""
+    if process.N != model.n_real:
+        raise HDLMError(f"process has N = {process.N} tokens but the model predicts {model.n_real}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise HDLMError(f"batch_size = {batch_size!r}: must be a positive integer")
+    device = next(model.parameters()).device
+    if generator is None:
+        return device, torch.Generator(device=device).manual_seed(0)
+    if torch.device(generator.device).type != device.type:
+        raise HDLMError(f"the generator is on {generator.device} but the model is on {device}: "
+                        f"make it with torch.Generator(device='{device}')")
+    return device, generator
+
+
 @torch.no_grad()
 def generate(model, process, hyperschedule, sampler: Sampler, batch_size: int, prompt=None,
              generator: torch.Generator | None = None, *, kv_cache: bool = True, trace: bool = False,
@@ -114,16 +129,7 @@ def generate(model, process, hyperschedule, sampler: Sampler, batch_size: int, p
     """
     hs = hyperschedule
     cfg = model.cfg
-    if process.N != model.n_real:
-        raise HDLMError(f"process has N = {process.N} tokens but the model predicts {model.n_real}")
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise HDLMError(f"batch_size = {batch_size!r}: must be a positive integer")
-    device = next(model.parameters()).device
-    if generator is None:
-        generator = torch.Generator(device=device).manual_seed(0)
-    elif torch.device(generator.device).type != device.type:
-        raise HDLMError(f"the generator is on {generator.device} but the model is on {device}: "
-                        f"make it with torch.Generator(device='{device}')")
+    device, generator = _checked_inputs(model, process, batch_size, generator)
     B, d, shift = int(batch_size), hs.d, cfg.shift
     prompt = _prompt_tensor(prompt, B, d, process.N, device)
     P = 0 if prompt is None else prompt.shape[1]

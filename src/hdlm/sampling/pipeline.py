@@ -17,21 +17,9 @@ from typing import Any
 import torch
 
 from ..errors import HDLMError
+from ..runtime import resolve_device
 from .generate import GenerationResult, generate
 from .samplers import make_sampler
-
-
-def resolve_device(device: Any = None) -> torch.device:
-    """None / "auto": the first CUDA device when there is one, else the CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise HDLMError(f"device '{device}': not a torch device (cpu, cuda, cuda:K)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HDLMError(f"device '{device}': CUDA is not available on this machine")
-    return dev
 
 
 def _merge(results: list[GenerationResult]) -> GenerationResult:
@@ -76,20 +64,11 @@ class HDLMPipeline:
     def hyperschedule(self, schedule: str | None = None, *, width: int | None = None, rho: float | None = None,
                       steps: int | None = None):
         """The checkpoint's hyperschedule, or another one of length d (§3.1): ``schedule`` kind,
-        ``width`` ω (block/slide), ``rho`` ρ, ``steps`` T (flat). Unset values come from the config
-        where they apply to the chosen kind."""
-        from ..hyperschedule import make_hyperschedule
+        ``width`` ω (block/slide), ``rho`` ρ, ``steps`` T (flat), merged with the config by the one
+        rule of :func:`hdlm.hyperschedule.from_config` (shared with ``hdlm eval ppl``)."""
+        from ..hyperschedule import from_config
 
-        sc = self.config.schedule
-        kind = schedule or sc.kind
-        same = kind == sc.kind
-        if width is None and kind in ("block", "slide") and same:
-            width = sc.width
-        if steps is None and kind == "flat" and same:
-            steps = sc.steps
-        if rho is None and kind != "quench" and not (kind == "flat" and steps is not None):
-            rho = sc.rho
-        return make_hyperschedule(kind, self.length, width=width, rho=rho, steps=steps)
+        return from_config(self.config.schedule, self.length, kind=schedule, width=width, rho=rho, steps=steps)
 
     def encode_prompt(self, prompt: str | list[int] | None) -> torch.Tensor | None:
         if prompt is None or (isinstance(prompt, str) and not prompt):
@@ -105,17 +84,18 @@ class HDLMPipeline:
                      steps: int | None = None, sampler: str | None = None, eta: float | None = None,
                      temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                      seed: int | None = None, kv_cache: bool | None = None, batch_size: int | None = None,
-                     float64: bool | None = None, draw: str = "cdf", trace: bool = False,
+                     draw: str | None = None, float64: bool | None = None, trace: bool = False,
                      progress: bool = False) -> GenerationResult:
         """Generate token ids (num_samples, d), prompt included; unset options come from ``config.sample``.
 
-        ``draw``: "cdf" (exact float64 inverse CDF) or "gumbel" (float64 Gumbel-max); ``float64=False``
-        reproduces the reference code's float32 Gumbel-max (App. F.2).
+        ``draw``: "cdf" (exact float64 inverse CDF), "gumbel" (float64 Gumbel-max) or "float32-gumbel"
+        (the reference code's draws, App. F.2; ``float64=False`` is an older spelling of it).
         """
         sc = self.config.sample
         opts = replace(sc, **{k: v for k, v in dict(
             sampler=sampler, eta=eta, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            kv_cache=kv_cache, num_samples=num_samples, batch_size=batch_size, float64_gumbel=float64).items()
+            kv_cache=kv_cache, num_samples=num_samples, batch_size=batch_size,
+            draw="float32-gumbel" if float64 is False else draw).items()
             if v is not None})
         for name, value in (("num_samples", opts.num_samples), ("batch_size", opts.batch_size)):
             if int(value) != value or value < 1:
@@ -123,7 +103,7 @@ class HDLMPipeline:
         hs = self.hyperschedule(schedule, width=width, rho=rho, steps=steps)
         smp = make_sampler(opts.sampler, self.process, hyperschedule=hs, eta=opts.eta,
                            temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
-                           float64=opts.float64_gumbel, method=draw)
+                           method=opts.draw)
         ids = self.encode_prompt(prompt)
         gen = torch.Generator(device=self.device).manual_seed(int(opts.seed))
         results = []
@@ -141,13 +121,3 @@ class HDLMPipeline:
     def generate(self, num_samples: int | None = None, prompt: str | list[int] | None = None, **kwargs) -> list[str]:
         """Generate texts (prompt included); keyword options as in :meth:`generate_ids`."""
         return self.decode(self.generate_ids(num_samples, prompt, **kwargs).tokens)
-
-
-def generate_samples_cli(args) -> list[dict]:
-    """Samples for ``hdlm eval gen --checkpoint DIR``: [{"text", "token_ids"}] (options read with defaults)."""
-    pipe = HDLMPipeline.from_pretrained(args.checkpoint, device=getattr(args, "device", None))
-    result = pipe.generate_ids(getattr(args, "num_samples", None), schedule=getattr(args, "schedule", None),
-                               width=getattr(args, "width", None), rho=getattr(args, "rho", None),
-                               seed=getattr(args, "seed", None), progress=True)
-    return [{"text": text, "token_ids": ids}
-            for text, ids in zip(pipe.decode(result.tokens), result.tokens.tolist())]

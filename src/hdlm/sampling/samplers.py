@@ -8,9 +8,10 @@ one per position (A,) or (B, A): a hyperschedule gives every position its own le
 others (settled and prompt tokens at level 0, worthless ones at full noise) are returned
 unchanged and cost no random numbers.
 
-- γ family (SEDD, ``process.family == "score"``): :class:`ScoreSampler` with the analytic
-  (Tweedie τ-leaping, the paper's default, App. B.4) or the Euler rule. The last step to
-  level 0 uses the final denoising rule (no MASK left).
+- Any reverse kernel of the process (:class:`KernelSampler`, by name; ``process.reverse_kernel``):
+  γ family (SEDD) the analytic (Tweedie τ-leaping, the paper's default, App. B.4) or the Euler
+  rule, whose last step to level 0 uses the final denoising rule (no MASK left); ε family the
+  posterior-mean kernel that the discrete perplexity bound certifies.
 - ε family (MDLM, ``"mean"``): :class:`AncestralSampler` is Algorithm 3 for a general α: a
   MASK is revealed with p_transfer = (α(s_next) − α(s_now)) / (1 − α(s_now)) and then drawn from
   the model's clean-token distribution; revealed tokens stay. With ``eta > 0`` it is the
@@ -38,10 +39,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..config import DRAW_METHODS
+from ..config import SAMPLER_NAMES as SAMPLERS
 from ..errors import HDLMError
+from ..processes.base import levels64
 
-SAMPLERS = ("auto", "analytic", "euler", "ancestral", "acs", "posterior", "ar")
-DRAW_METHODS = ("cdf", "gumbel")
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,9 +109,9 @@ def gumbel_max_draw(probs: Tensor, generator: torch.Generator | None = None,
 class Categorical:
     """How samplers turn probabilities into tokens: shaping, then a draw.
 
-    ``method`` is "cdf" (exact float64 inverse CDF, the default) or "gumbel" (float64
-    Gumbel-max). ``float64=False`` selects the flawed float32 Gumbel-max of the reference code
-    whatever ``method`` says (App. F.2).
+    ``method`` is "cdf" (exact float64 inverse CDF, the default), "gumbel" (float64 Gumbel-max) or
+    "float32-gumbel", the flawed float32 Gumbel-max of the reference code (App. F.2);
+    ``float64=False`` is the same as "float32-gumbel" (and ``float64`` says which one is in use).
     """
 
     temperature: float = 1.0
@@ -128,6 +130,9 @@ class Categorical:
             raise HDLMError(f"sampling top_p = {self.top_p!r}: must be in (0, 1] (1 = off)")
         if self.method not in DRAW_METHODS:
             raise HDLMError(f"sampling draw method = {self.method!r}: must be one of {', '.join(DRAW_METHODS)}")
+        if self.method == "float32-gumbel" or not self.float64:
+            object.__setattr__(self, "method", "float32-gumbel")
+            object.__setattr__(self, "float64", False)
 
     @property
     def shapes(self) -> bool:
@@ -171,11 +176,6 @@ def _work_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _levels(s: Tensor | float, x: Tensor) -> Tensor:
-    """Per-position levels broadcast to x's shape (B, A), in float64."""
-    return torch.broadcast_to(torch.as_tensor(s, dtype=torch.float64, device=x.device), x.shape)
-
-
 class Sampler:
     """Base class: ``step`` updates the active positions whose level decreases."""
 
@@ -189,7 +189,7 @@ class Sampler:
         """x_{t+1} (B, A) from x_t (B, A), raw (B, A, N) and per-position levels (A,) or (B, A)."""
         if raw.shape[:-1] != x.shape:
             raise ValueError(f"{self.name} sampler: raw {tuple(raw.shape)} does not match x {tuple(x.shape)}")
-        s_now, s_next = _levels(s_now, x), _levels(s_next, x)
+        s_now, s_next = levels64(s_now, x), levels64(s_next, x)
         moving = s_next < s_now
         out = x.clone()
         if moving.any():
@@ -206,28 +206,32 @@ class Sampler:
                 f"top_p={c.top_p}, method={c.method}, float64={c.float64})")
 
 
-class ScoreSampler(Sampler):
-    """γ family: SEDD's analytic (Tweedie τ-leaping) or Euler step, per position (§3.4, App. B.4).
+class KernelSampler(Sampler):
+    """Draws each moving position from a reverse kernel of the process, p_θ(x_s | x_t), by name.
 
-    The step distribution over the N+1 states comes from ``process.analytic_probs`` /
-    ``process.euler_probs`` with each position's own σ̄(s_now) − σ̄(s_next). Temperature, top-k
-    and top-p reshape the real-token part only and keep its total mass, so they change which
-    token appears, not how fast tokens appear.
+    The kernel (``process.reverse_kernel``: γ family "analytic" = SEDD's Tweedie τ-leaping, the
+    paper's default, or "euler"; ε family "posterior", the kernel the discrete bound certifies)
+    uses each position's own level change (§3.4, App. B.4). Temperature, top-k and top-p reshape
+    the real-token part only and keep its total mass, so they change which token appears, not
+    how fast tokens appear.
     """
 
-    def __init__(self, process, categorical: Categorical | None = None, rule: str = "analytic") -> None:
+    def __init__(self, process, categorical: Categorical | None = None, kernel: str | None = None) -> None:
         super().__init__(process, categorical)
-        if rule not in ("analytic", "euler"):
-            raise HDLMError(f"score sampler rule = {rule!r}: must be analytic or euler")
-        self.rule = rule
-        self.name = rule
+        kernel = kernel or process.default_kernel
+        if kernel not in process.kernels:
+            raise HDLMError(f"reverse kernel '{kernel}': {type(process).__name__} offers {', '.join(process.kernels)}")
+        self.kernel = kernel
+        self.name = kernel
+
+    @property
+    def rule(self) -> str:
+        """The kernel's name (γ family: "analytic" or "euler")."""
+        return self.kernel
 
     def step_probs(self, raw: Tensor, x: Tensor, s_now: Tensor, s_next: Tensor) -> Tensor:
         """The step distribution (M, N+1) of M positions, before shaping."""
-        raw = raw.to(_work_dtype(raw))
-        log_score = self.process.log_score(raw, x, s_now)
-        rule = self.process.analytic_probs if self.rule == "analytic" else self.process.euler_probs
-        return rule(log_score, x, s_now, s_next)
+        return self.process.reverse_kernel(raw.to(_work_dtype(raw)), x, s_now, s_next, self.kernel)
 
     def _shape_real(self, probs: Tensor) -> Tensor:
         if not self.categorical.shapes:
@@ -259,6 +263,15 @@ class ScoreSampler(Sampler):
             # p(x) = 1 up to rounding: nothing else to go to, stay
             new[move] = torch.where(p_move.sum(-1) > 0, drawn, x_rows[move])
         out[rows] = new
+
+
+class ScoreSampler(KernelSampler):
+    """γ family: SEDD's analytic (Tweedie τ-leaping) or Euler step, per position (§3.4, App. B.4)."""
+
+    def __init__(self, process, categorical: Categorical | None = None, rule: str = "analytic") -> None:
+        if rule not in ("analytic", "euler"):
+            raise HDLMError(f"score sampler rule = {rule!r}: must be analytic or euler")
+        super().__init__(process, categorical, kernel=rule)
 
 
 class AncestralSampler(Sampler):
@@ -308,20 +321,14 @@ class AncestralSampler(Sampler):
             out[fix] = self.categorical.draw(self._clean_probs(raw[fix]), generator)
 
 
-class PosteriorSampler(Sampler):
-    """ε family: the posterior-mean kernel Σ_ŷ q(x_{t+1} | x_t, ŷ) p̂(ŷ | x_t) whose NLL the discrete
+class PosteriorSampler(KernelSampler):
+    """ε family: the posterior-mean kernel Σ_ŷ q(x_s | x_t, ŷ) p̂(ŷ | x_t) whose NLL the discrete
     perplexity bound certifies (docs/likelihood.md). For ε = 0 it is Algorithm 3; for ε > 0 a MASK
     is revealed to (1 − ε) p̂ + ε/N and revealed tokens are redrawn from p̂ at their last step.
     """
 
-    name = "posterior"
-
-    def _update(self, out, raw, x, s_now, s_next, moving, generator) -> None:
-        from ..evaluation.likelihood import epsilon_posterior_probs
-
-        rows = moving.nonzero(as_tuple=True)
-        probs = epsilon_posterior_probs(self.process, raw[rows], x[rows], s_now[rows], s_next[rows])
-        out[rows] = self.categorical.draw(probs, generator)
+    def __init__(self, process, categorical: Categorical | None = None) -> None:
+        super().__init__(process, categorical, kernel="posterior")
 
 
 class ARSampler(Sampler):
@@ -345,8 +352,9 @@ def make_sampler(name: str, process, *, hyperschedule=None, eta: float = 0.01, t
     """A sampler by name (``SAMPLERS``).
 
     "auto" is "ar" when the hyperschedule has a single level (Quench: the model is an AR model),
-    else "analytic" for the γ (score) family and "ancestral" for the ε (mean) family. "acs"
-    uses ``eta`` (η); "ancestral" ignores it.
+    else the process's default kernel ("analytic" for the γ family, "ancestral" for the ε family).
+    "ancestral" and "acs" (with ``eta`` = η) are Algorithms 3 and 4 of the ε family; "ar" draws
+    from softmax(raw); any other name is one of the process's reverse kernels (``process.kernels``).
     """
     if name not in SAMPLERS:
         raise HDLMError(f"sampler '{name}': must be one of {', '.join(SAMPLERS)}")
@@ -357,19 +365,14 @@ def make_sampler(name: str, process, *, hyperschedule=None, eta: float = 0.01, t
         else:
             name = "analytic" if family == "score" else "ancestral"
     categorical = Categorical(temperature=temperature, top_k=top_k, top_p=top_p, method=method, float64=float64)
-    if name in ("analytic", "euler"):
-        if family != "score":
-            raise HDLMError(f"sampler '{name}' needs a gamma-family (score) process; "
-                            f"{type(process).__name__} is '{family}': use ancestral, acs or ar")
-        return ScoreSampler(process, categorical, rule=name)
     if name in ("ancestral", "acs"):
         if family != "mean":
             raise HDLMError(f"sampler '{name}' needs an epsilon-family (mean) process; "
-                            f"{type(process).__name__} is '{family}': use analytic, euler or ar")
+                            f"{type(process).__name__} is '{family}': use {', '.join(process.kernels)}")
         return AncestralSampler(process, categorical, eta=eta if name == "acs" else 0.0)
-    if name == "posterior":
-        if family != "mean":
-            raise HDLMError(f"sampler 'posterior' needs an epsilon-family (mean) process; "
-                            f"{type(process).__name__} is '{family}'")
-        return PosteriorSampler(process, categorical)
-    return ARSampler(process, categorical)
+    if name == "ar":
+        return ARSampler(process, categorical)
+    if name not in process.kernels:
+        offered = ("ancestral", "acs", *process.kernels) if family == "mean" else process.kernels
+        raise HDLMError(f"sampler '{name}': {type(process).__name__} ({family} family) offers {', '.join(offered)}")
+    return KernelSampler(process, categorical, kernel=name)

@@ -1,65 +1,30 @@
-"""Noising processes and their training losses (paper §2.2, §3.2, App. A, App. B.2, B.5).
+"""gamma-hybrid processes (paper §3.2, App. A; SEDD framework): Q_gamma = (1-gamma) Q_absorb + gamma Q_uniform.
 
-States: N real tokens ``0..N-1`` and MASK = ``N``. Column convention: q(x' | x) is the x-th
-column of a matrix, so a rate matrix Q has zero column sums and ``Q[x, z]`` is the forward
-rate z -> x. The network outputs ``raw`` (..., N) over the real tokens only; a process says
-how to read it.
+Q_absorb = e_M 1^T - I and Q_uniform = (1/N) u u^T - diag(u) (u: the real tokens). Both square
+to minus themselves and commute, which gives the closed-form evolution operator of Eq. (7g)::
 
-Two families (DESIGN.md §3):
+    exp(c Q_gamma) = I + (1 - a) Q_absorb + a (1 - b) Q_uniform,  a = e^{-(1-gamma) c}, b = e^{-gamma c}
 
-* :class:`GammaHybrid` (``family = "score"``, SEDD framework). Q_gamma = (1-gamma) Q_absorb +
-  gamma Q_uniform with Q_absorb = e_M 1^T - I and Q_uniform = (1/N) u u^T - diag(u) (u: the
-  real tokens). Both square to minus themselves and commute, which gives the closed-form
-  evolution operator of Eq. (7g)::
+(valid for any real c, also negative). Trained with DWDSE (Lou et al., 2024) in closed form;
+sampled with SEDD's analytic (Tweedie tau-leaping) or Euler kernels. :class:`Absorb` (gamma = 0)
+and :class:`Uniform` (gamma = 1) are the same code.
 
-      exp(c Q_gamma) = I + (1 - a) Q_absorb + a (1 - b) Q_uniform,  a = e^{-(1-gamma) c}, b = e^{-gamma c}
-
-  (valid for any real c, also negative). Trained with DWDSE (Lou et al., 2024) in closed form.
-  :class:`Absorb` (gamma = 0) and :class:`Uniform` (gamma = 1) are the same code.
-* :class:`EpsilonHybrid` (``family = "mean"``, MDM framework, §3.2): substitute y by a uniform
-  real token with probability epsilon, then mask with probability 1 - alpha(s). Trained with
-  HDCE, Eq. (8)-(9). :class:`MDLM` is epsilon = 0.
-
-Likelihood bounds. For the gamma family, the integral over s of the DWDSE plus the prior term
-is Lou et al.'s (2024) bound on -log p of the continuous-time reverse process; with a
-hyperschedule each position runs its own clock (DESIGN.md §2). For the epsilon family with
-epsilon = 0 the HDCE is MDLM's continuous-time NELBO (any lambda: kept tokens weigh 0). For
-epsilon > 0 the HDCE of Eq. (9) is the paper's training loss, not a proven bound on the NLL.
+Likelihood: the integral over s of the DWDSE plus the prior term is Lou et al.'s (2024) bound on
+-log p of the continuous-time reverse process; with a hyperschedule each position runs its own
+clock (DESIGN.md §2).
 """
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor
 
-from .config import ProcessConfig
-from .errors import HDLMError
-from .noise import NoiseSchedule, make_noise
-
-_NEG_INF = float("-inf")
-
-
-# --------------------------------------------------------------------------------------------
-# small pure helpers
-
-
-def cross_entropy(raw: Tensor, y: Tensor) -> Tensor:
-    """-log softmax(raw)_y per token, (...): the settled-token term of Eq. (10)."""
-    return -torch.log_softmax(raw, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-
-
-def _noise_like(s, shape, dtype: torch.dtype, device) -> Tensor:
-    """The per-token noise level (or rate) ``s`` as a tensor of ``shape`` (broadcast)."""
-    return torch.broadcast_to(torch.as_tensor(s, dtype=dtype, device=device), shape)
-
-
-def _float_dtype(s) -> torch.dtype:
-    if isinstance(s, Tensor) and s.is_floating_point():
-        return s.dtype
-    return torch.get_default_dtype()
+from ..errors import HDLMError
+from ..noise import NoiseSchedule, Scaled
+from .base import NEG_INF, Process, float_dtype, levels64, noise_like, one_hot
+from .epsilon import MDLM
 
 
 def _phi(d: Tensor) -> Tensor:
@@ -83,70 +48,10 @@ def _normalise_step(probs: Tensor, log_score: Tensor, x: Tensor, s_next: Tensor,
     probs = torch.where(final & is_mask_state, torch.zeros_like(probs), probs)
     total = probs.sum(-1, keepdim=True)
     stay = torch.nn.functional.one_hot(x, probs.shape[-1]).to(probs.dtype)
-    real_scores = torch.softmax(log_score.masked_fill(is_mask_state, _NEG_INF), dim=-1)
+    real_scores = torch.softmax(log_score.masked_fill(is_mask_state, NEG_INF), dim=-1)
     fallback = torch.where(final & (x == mask_id).unsqueeze(-1), real_scores, stay)
     probs = torch.where(total > 0, probs / torch.where(total > 0, total, torch.ones_like(total)), fallback)
     return torch.where(delta.unsqueeze(-1) == 0, stay, probs)
-
-
-# --------------------------------------------------------------------------------------------
-# the interface
-
-
-class Process(ABC):
-    """A per-token forward noising process q(x | y, s) and its training loss.
-
-    ``s`` is the noise level in [0, 1] of each token (a hyperschedule gives every position its
-    own, paper §3.1); ``self.noise`` maps it to sigma_bar(s) / alpha(s).
-    """
-
-    family: str = "abstract"
-
-    def __init__(self, N: int, noise: NoiseSchedule):
-        if int(N) != N or N < 1:
-            raise HDLMError(f"process: vocabulary size N = {N} must be a positive integer")
-        if not isinstance(noise, NoiseSchedule):
-            raise HDLMError(f"process: noise must be a NoiseSchedule, got {type(noise).__name__}")
-        self.N = int(N)
-        self.noise = noise
-
-    @property
-    def mask_id(self) -> int:
-        return self.N
-
-    @property
-    def num_states(self) -> int:
-        """N real tokens plus MASK."""
-        return self.N + 1
-
-    @abstractmethod
-    def sample_forward(self, y: Tensor, s, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
-        """Draw x ~ q(x | y, s) per token; also return what the loss needs (``aux``)."""
-
-    @abstractmethod
-    def marginal(self, y: Tensor, s) -> Tensor:
-        """q(x | y, s) as probabilities (..., N+1)."""
-
-    @abstractmethod
-    def prior(self, shape, generator: torch.Generator | None = None, device=None) -> Tensor:
-        """A draw from the full-noise state (generation starts there)."""
-
-    @abstractmethod
-    def embed_keep(self, x: Tensor, s) -> Tensor:
-        """Keep weight of the weighted token embedding, Eq. (12), per input token (...)."""
-
-    @abstractmethod
-    def diffusion_loss(self, raw: Tensor, x: Tensor, y: Tensor, s, rate, aux: dict | None = None) -> Tensor:
-        """Per-token diffusion loss (...), multiplied by ``rate`` = |dl_i/du| and 0 where rate == 0."""
-
-    def __repr__(self) -> str:  # pragma: no cover - cosmetic
-        extra = {k: v for k, v in vars(self).items() if k not in ("N", "noise")}
-        args = ", ".join(f"{k}={v}" for k, v in extra.items())
-        return f"{type(self).__name__}(N={self.N}, noise={self.noise!r}{', ' if args else ''}{args})"
-
-
-# --------------------------------------------------------------------------------------------
-# gamma-hybrid (SEDD framework)
 
 
 class GammaHybrid(Process):
@@ -158,6 +63,8 @@ class GammaHybrid(Process):
     """
 
     family = "score"
+    kernels = ("analytic", "euler", "ar")
+    default_kernel = "analytic"
 
     def __init__(self, N: int, noise: NoiseSchedule, gamma: float):
         super().__init__(N, noise)
@@ -172,22 +79,12 @@ class GammaHybrid(Process):
         ca, cb = (1.0 - self.gamma) * c, self.gamma * c
         return torch.exp(-ca), -torch.expm1(-ca), torch.exp(-cb), -torch.expm1(-cb)
 
-    def rate_matrix(self, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
-        """Dense Q_gamma (N+1, N+1), column convention (small N: tests and docs)."""
-        n = self.N
-        q_absorb = -torch.eye(n + 1, dtype=dtype, device=device)
-        q_absorb[n, :] += 1.0
-        u = torch.ones(n + 1, dtype=dtype, device=device)
-        u[n] = 0.0
-        q_uniform = torch.outer(u, u) / n - torch.diag(u)
-        return (1.0 - self.gamma) * q_absorb + self.gamma * q_uniform
-
     def transition(self, delta) -> Tensor:
         """Dense exp(delta Q_gamma) from Eq. (7g): (..., N+1, N+1) for delta of shape (...).
 
         Column y is q(. | y) after extra total noise delta. Builds N x N: small N only.
         """
-        delta = torch.as_tensor(delta, dtype=_float_dtype(delta))
+        delta = torch.as_tensor(delta, dtype=float_dtype(delta))
         a, one_minus_a, b, one_minus_b = (t[..., None, None] for t in self._coeffs(delta))
         n = self.N
         eye = torch.eye(n + 1, dtype=delta.dtype, device=delta.device)
@@ -205,7 +102,7 @@ class GammaHybrid(Process):
 
         Real z: a b v_z + a (1-b) (sum_real v) / N; MASK: v_M + (1-a) (sum_real v).
         """
-        c = _noise_like(c, v.shape[:-1], v.dtype, v.device)
+        c = noise_like(c, v.shape[:-1], v.dtype, v.device)
         a, one_minus_a, b, one_minus_b = (t.unsqueeze(-1) for t in self._coeffs(c))
         v_real, v_mask = v[..., : self.N], v[..., self.N :]
         total_real = v_real.sum(-1, keepdim=True)
@@ -215,8 +112,8 @@ class GammaHybrid(Process):
 
     def exp_row(self, x: Tensor, c) -> Tensor:
         """Row x of exp(c Q_gamma): [exp(cQ)]_{x, z} = P(z -> x over c), (..., N+1)."""
-        dtype = _float_dtype(c)
-        c = _noise_like(c, x.shape, dtype, x.device)
+        dtype = float_dtype(c)
+        c = noise_like(c, x.shape, dtype, x.device)
         a, one_minus_a, b, one_minus_b = (t.unsqueeze(-1) for t in self._coeffs(c))
         z = torch.arange(self.N + 1, device=x.device)
         x_ = x.unsqueeze(-1)
@@ -240,7 +137,7 @@ class GammaHybrid(Process):
 
     def marginal(self, y: Tensor, s) -> Tensor:
         """q(x | y, s) = exp(sigma_bar(s) Q_gamma) e_y: P(MASK) = 1 - a, P(y) = ab + a(1-b)/N, P(z) = a(1-b)/N."""
-        s = _noise_like(s, y.shape, _float_dtype(s), y.device)
+        s = noise_like(s, y.shape, float_dtype(s), y.device)
         e_y = torch.nn.functional.one_hot(y, self.N + 1).to(s.dtype)
         return self.apply_exp(e_y, self.noise.sigma_bar(s))
 
@@ -249,8 +146,8 @@ class GammaHybrid(Process):
 
         Same law as :meth:`marginal` (the redraw may give y back). ``aux`` is empty.
         """
-        dtype = _float_dtype(s)
-        s = _noise_like(s, y.shape, dtype, y.device)
+        dtype = float_dtype(s)
+        s = noise_like(s, y.shape, dtype, y.device)
         _, one_minus_a, _, one_minus_b = self._coeffs(self.noise.sigma_bar(s))
         masked = torch.rand(y.shape, generator=generator, device=y.device, dtype=dtype) < one_minus_a
         redraw = torch.rand(y.shape, generator=generator, device=y.device, dtype=dtype) < one_minus_b
@@ -266,9 +163,32 @@ class GammaHybrid(Process):
 
     def embed_keep(self, x: Tensor, s) -> Tensor:
         """Eq. (12) / App. B.5: a real token is unperturbed with probability e^{-gamma sigma_bar(s)}; MASK: 1."""
-        s = _noise_like(s, x.shape, _float_dtype(s), x.device)
+        s = noise_like(s, x.shape, float_dtype(s), x.device)
         keep = torch.exp(-self.gamma * self.noise.sigma_bar(s))
         return torch.where(x == self.mask_id, torch.ones_like(keep), keep)
+
+    # ---- the forward chain over levels (level 0 is the clean token, even where sigma_bar(0) > 0)
+
+    def _chain_noise(self, s: Tensor) -> Tensor:
+        """Total noise c(s) of the level chain: sigma_bar(s) for s > 0, exactly 0 at level 0."""
+        return torch.where(s > 0, self.noise.sigma_bar(s), torch.zeros_like(s))
+
+    def chain_marginal(self, y: Tensor, s) -> Tensor:
+        """exp(c(s) Q_gamma) e_y, Eq. (7g); e_y at level 0."""
+        s = levels64(s, y)
+        e_y = one_hot(y, self.N + 1)
+        return torch.where((s > 0).unsqueeze(-1), self.apply_exp(e_y, self._chain_noise(s)), e_y)
+
+    def chain_row(self, x: Tensor, s_lo, s_hi) -> Tensor:
+        """Row x of exp((c(s_hi) - c(s_lo)) Q_gamma)."""
+        s_lo, s_hi = levels64(s_lo, x), levels64(s_hi, x)
+        return self.exp_row(x, (self._chain_noise(s_hi) - self._chain_noise(s_lo)).clamp_min(0.0))
+
+    def absorbing_part(self) -> "Process":
+        """MDLM masking at rate (1 - gamma) sigma_bar (the gamma-hybrid without its substitutions)."""
+        if self.gamma >= 1.0:
+            raise HDLMError("variational = 'absorb' needs a MASK state; the uniform process (gamma = 1) has none")
+        return MDLM(self.N, Scaled(self.noise, 1.0 - self.gamma))
 
     # ---- score parametrisation ----------------------------------------------------------
 
@@ -286,14 +206,14 @@ class GammaHybrid(Process):
         -log(e^{sigma_bar} - 1) scaling) and log s_M = 0; at a real x, log s_z = log p_z - log p_x
         and log s_M = -inf (MASK never turns back into a real token).
         """
-        s = _noise_like(s, x.shape, raw.dtype, raw.device)
+        s = noise_like(s, x.shape, raw.dtype, raw.device)
         lsm = torch.log_softmax(raw, dim=-1)
         is_mask = x == self.mask_id
         x_real = torch.where(is_mask, torch.zeros_like(x), x)
         lsm_x = lsm.gather(-1, x_real.unsqueeze(-1))
         odds = self._log_mask_odds(self.noise.sigma_bar(s)).unsqueeze(-1)
         log_real = torch.where(is_mask.unsqueeze(-1), lsm + odds, lsm - lsm_x)
-        log_mask = torch.where(is_mask, 0.0, _NEG_INF).to(raw.dtype).unsqueeze(-1)
+        log_mask = torch.where(is_mask, 0.0, NEG_INF).to(raw.dtype).unsqueeze(-1)
         return torch.cat([log_real, log_mask], dim=-1)
 
     # ---- DWDSE --------------------------------------------------------------------------
@@ -316,11 +236,11 @@ class GammaHybrid(Process):
         """
         dtype, device = raw.dtype, raw.device
         n = self.N
-        s = _noise_like(s, x.shape, dtype, device)
-        rate = _noise_like(rate, x.shape, dtype, device)
+        s = noise_like(s, x.shape, dtype, device)
+        rate = noise_like(rate, x.shape, dtype, device)
         sigma_bar, dsigma_bar = self.noise.sigma_bar(s), self.noise.dsigma_bar(s)
         b, log_same, log_other = self._real_marginal_logs(sigma_bar)
-        moved = log_other > _NEG_INF  # q_other > 0
+        moved = log_other > NEG_INF  # q_other > 0
         log_other_safe = torch.where(moved, log_other, torch.zeros_like(log_other))
         zero = torch.zeros_like(sigma_bar)
 
@@ -362,8 +282,8 @@ class GammaHybrid(Process):
     # ---- sampler maths (SEDD's Tweedie tau-leaping and Euler) ---------------------------
 
     def _step_delta(self, x: Tensor, s_now, s_next, dtype, device) -> tuple[Tensor, Tensor]:
-        s_now = _noise_like(s_now, x.shape, dtype, device)
-        s_next = _noise_like(s_next, x.shape, dtype, device)
+        s_now = noise_like(s_now, x.shape, dtype, device)
+        s_next = noise_like(s_next, x.shape, dtype, device)
         delta = (self.noise.sigma_bar(s_now) - self.noise.sigma_bar(s_next)).clamp_min(0.0)
         return delta, s_next
 
@@ -401,7 +321,7 @@ class GammaHybrid(Process):
         rate_in = torch.where(z_real & (z != x_), rate_in, torch.zeros_like(rate_in))
         # in log space: when the total leaving mass reaches 1 the clamped, normalised step is its
         # softmax (stay = 0), and large scores cannot overflow
-        log_leave = torch.where(rate_in > 0, torch.log(delta.unsqueeze(-1) * rate_in) + log_score, _NEG_INF)
+        log_leave = torch.where(rate_in > 0, torch.log(delta.unsqueeze(-1) * rate_in) + log_score, NEG_INF)
         log_total = torch.logsumexp(log_leave, dim=-1, keepdim=True)
         saturated = log_total >= 0
         leave = torch.where(saturated, torch.softmax(log_leave.clamp_min(torch.finfo(log_leave.dtype).min), -1),
@@ -409,6 +329,14 @@ class GammaHybrid(Process):
         stay = torch.where(saturated, torch.zeros_like(log_total), -torch.expm1(log_total))
         probs = torch.where(rate_in > 0, leave, torch.zeros_like(leave)) + torch.where(z == x_, stay, 0.0)
         return _normalise_step(probs, log_score, x, s_next, delta, self.mask_id)
+
+    def kernel_analytic(self, raw: Tensor, x: Tensor, s_now, s_next) -> Tensor:
+        """The analytic (Tweedie tau-leaping) kernel from raw outputs: the paper's default sampler."""
+        return self.analytic_probs(self.log_score(raw, x, s_now), x, s_now, s_next)
+
+    def kernel_euler(self, raw: Tensor, x: Tensor, s_now, s_next) -> Tensor:
+        """The Euler kernel from raw outputs."""
+        return self.euler_probs(self.log_score(raw, x, s_now), x, s_now, s_next)
 
     def denoise_probs(self, log_score: Tensor, x: Tensor, s_now) -> Tensor:
         """The last step to noise 0: :meth:`analytic_probs` with s_next = 0 (no MASK left)."""
@@ -427,136 +355,3 @@ class Uniform(GammaHybrid):
 
     def __init__(self, N: int, noise: NoiseSchedule):
         super().__init__(N, noise, gamma=1.0)
-
-
-# --------------------------------------------------------------------------------------------
-# epsilon-hybrid (MDM framework)
-
-
-class EpsilonHybrid(Process):
-    """Substitute-then-mask process of §3.2, trained with HDCE, Eq. (8)-(9).
-
-    Unless s = 0 (then x = y), y is replaced by a uniform real token with probability epsilon
-    (the redraw may give y back), then masked with probability 1 - alpha(s): the y-th column of
-    (1 + epsilon Q_uniform)(1 + (1 - alpha) Q_absorb). ``raw`` are logits of the clean token.
-    """
-
-    family = "mean"
-
-    def __init__(self, N: int, noise: NoiseSchedule, epsilon: float, lam: float = 1.0):
-        super().__init__(N, noise)
-        if not 0.0 <= epsilon <= 1.0:
-            raise HDLMError(f"epsilon-hybrid: epsilon = {epsilon} must be in [0, 1]")
-        if lam < 0.0:
-            raise HDLMError(f"epsilon-hybrid: lam = {lam} must be >= 0")
-        self.epsilon = float(epsilon)
-        self.lam = float(lam)
-
-    def _mask_prob(self, s: Tensor) -> Tensor:
-        """p_mask = 1 - alpha(s) = -expm1(-sigma_bar(s)) (accurate at small s)."""
-        return -torch.expm1(-self.noise.sigma_bar(s))
-
-    def marginal(self, y: Tensor, s) -> Tensor:
-        """s > 0: P(MASK) = 1 - alpha, P(y) = alpha (1 - eps + eps/N), P(z != y) = alpha eps / N; s = 0: y."""
-        s = _noise_like(s, y.shape, _float_dtype(s), y.device)
-        p_mask = self._mask_prob(s).unsqueeze(-1)
-        keep = 1.0 - p_mask
-        e_y = torch.nn.functional.one_hot(y, self.N + 1).to(s.dtype)
-        real = (torch.arange(self.N + 1, device=y.device) < self.N).to(s.dtype)
-        noisy = keep * ((1.0 - self.epsilon) * e_y + (self.epsilon / self.N) * real)
-        noisy = noisy + p_mask * (1.0 - real)
-        return torch.where((s > 0).unsqueeze(-1), noisy, e_y)
-
-    def sample_forward(self, y: Tensor, s, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
-        """x ~ q(x | y, s); ``aux["substituted"]`` (bool) records the uniform redraw event."""
-        dtype = _float_dtype(s)
-        s = _noise_like(s, y.shape, dtype, y.device)
-        noisy = s > 0
-        substituted = noisy & (torch.rand(y.shape, generator=generator, device=y.device, dtype=dtype) < self.epsilon)
-        uniform = torch.randint(0, self.N, y.shape, generator=generator, device=y.device)
-        masked = noisy & (torch.rand(y.shape, generator=generator, device=y.device, dtype=dtype) < self._mask_prob(s))
-        x = torch.where(substituted, uniform, y)
-        return torch.where(masked, torch.full_like(y, self.mask_id), x), {"substituted": substituted}
-
-    def prior(self, shape, generator: torch.Generator | None = None, device=None) -> Tensor:
-        """All MASK."""
-        return torch.full(tuple(shape), self.mask_id, dtype=torch.long, device=device)
-
-    def embed_keep(self, x: Tensor, s) -> Tensor:
-        """Eq. (12) does not apply: 1 everywhere."""
-        return torch.ones(x.shape, dtype=_float_dtype(s), device=x.device)
-
-    def log_probs(self, raw: Tensor) -> Tensor:
-        """log p(clean token) = log_softmax(raw), (..., N)."""
-        return torch.log_softmax(raw, dim=-1)
-
-    def diffusion_loss(self, raw: Tensor, x: Tensor, y: Tensor, s, rate, aux: dict | None = None) -> Tensor:
-        """HDCE, Eq. (8)-(9), per token: w * (-log softmax(raw)_y) * rate * (-alpha'(s)).
-
-        w = 1/p_mask (masked), lambda(1-eps)/(1-p_mask) (unmasked, substituted), lambda eps/(1-p_mask)
-        (unmasked, not substituted), p_mask = 1 - alpha(s). Eq. (9) is written for flat training
-        with linear alpha, where rate = 1 and -alpha' = 1; the factor rate * (-alpha'(s)) makes the
-        same weights a continuous-time integrand for any alpha and any hyperschedule (with
-        Linear(eps) noise, -alpha' = 1 - eps). For epsilon = 0 this is MDLM's NELBO integrand
-        -alpha'/(1-alpha) CE on masked tokens. Zero where rate == 0 or s == 0.
-        """
-        if aux is None or "substituted" not in aux:
-            raise HDLMError("epsilon-hybrid loss needs aux['substituted'] from sample_forward")
-        dtype, device = raw.dtype, raw.device
-        s = _noise_like(s, x.shape, dtype, device)
-        rate = _noise_like(rate, x.shape, dtype, device)
-        p_mask, keep = self._mask_prob(s), self.noise.alpha(s)
-        masked = x == self.mask_id
-        substituted = torch.broadcast_to(aux["substituted"].to(device), x.shape)
-        zero = torch.zeros_like(p_mask)
-        inv_mask = torch.where(p_mask > 0, 1.0 / torch.where(p_mask > 0, p_mask, 1.0), zero)
-        inv_keep = torch.where(keep > 0, 1.0 / torch.where(keep > 0, keep, 1.0), zero)
-        kept_weight = self.lam * torch.where(substituted, torch.full_like(p_mask, 1.0 - self.epsilon),
-                                             torch.full_like(p_mask, self.epsilon))
-        w = torch.where(masked, inv_mask, kept_weight * inv_keep)
-        factor = rate * -self.noise.dalpha(s)
-        live = (rate != 0) & (s > 0)
-        return torch.where(live, factor * w * cross_entropy(raw, y), zero)
-
-    def transfer_prob(self, s_now, s_next) -> Tensor:
-        """P(a MASK at s_now is revealed by s_next) = (alpha(s_next) - alpha(s_now)) / (1 - alpha(s_now)).
-
-        Alg. 3's 1 - s/t for linear alpha. 0 where s_now == s_next; 1 where s_next == 0 (no MASK
-        survives the last step; this rule wins when both hold).
-        """
-        dtype = torch.promote_types(_float_dtype(s_now), _float_dtype(s_next))
-        s_now, s_next = torch.broadcast_tensors(torch.as_tensor(s_now, dtype=dtype),
-                                                torch.as_tensor(s_next, dtype=dtype))
-        now = torch.expm1(-self.noise.sigma_bar(s_now))  # -(1 - alpha(s_now))
-        nxt = torch.expm1(-self.noise.sigma_bar(s_next))
-        moving = (s_now != s_next) & (now != 0)
-        p = torch.where(moving, 1.0 - nxt / torch.where(now != 0, now, torch.ones_like(now)), torch.zeros_like(now))
-        p = torch.where(s_next == 0, torch.ones_like(p), p)
-        return p.clamp(0.0, 1.0)
-
-
-class MDLM(EpsilonHybrid):
-    """MDLM (Sahoo et al., 2024): the epsilon-hybrid with epsilon = 0."""
-
-    def __init__(self, N: int, noise: NoiseSchedule, lam: float = 1.0):
-        super().__init__(N, noise, epsilon=0.0, lam=lam)
-
-
-# --------------------------------------------------------------------------------------------
-# construction from the config
-
-
-def make_process(cfg: ProcessConfig, N: int) -> Process:
-    """Build the process named by ``cfg.kind`` over N real tokens (MASK = N)."""
-    noise = make_noise(cfg.noise, eps=cfg.noise_eps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
-    if cfg.kind == "absorb":
-        return Absorb(N, noise)
-    if cfg.kind == "uniform":
-        return Uniform(N, noise)
-    if cfg.kind == "gamma":
-        return GammaHybrid(N, noise, cfg.gamma)
-    if cfg.kind == "epsilon":
-        return EpsilonHybrid(N, noise, cfg.epsilon, cfg.lam)
-    if cfg.kind == "mdlm":
-        return MDLM(N, noise, lam=cfg.lam)
-    raise HDLMError(f"config process.kind = {cfg.kind!r}: must be one of absorb, uniform, gamma, epsilon, mdlm")
