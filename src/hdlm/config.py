@@ -127,6 +127,13 @@ class ModelConfig(_Section):
                 "no key attends uniformly)")
     rotary_buffer: bool = _f(False, "rotary inv_freq kept as a checkpoint buffer; angles in its dtype")
 
+    # ---- backbone (docs/conversion.md): the DiT above, or a pretrained Hugging Face causal LM converted by
+    # `hdlm convert` (hdlm.hf_backbone). With "hf" the HF config fixes the network and the DiT sizes above
+    # (n_layers, hidden, n_heads, mlp_ratio, dropout, tie_embeddings, pad_vocab_to) are unused.
+    backbone: _choice(("dit", "hf")) = _f("dit", "dit (HDLMTransformer) or hf (a converted causal LM)")
+    hf_config: Optional[dict] = _f(None, "backbone hf: the HF model's config.json, as a mapping")
+    hf_source: str = _f("", "backbone hf: where the pretrained weights came from (a record)")
+
     def __post_init__(self) -> None:
         if self.hidden % self.n_heads:
             raise HDLMError(f"config model.hidden = {self.hidden}: must be divisible by model.n_heads = {self.n_heads}")

@@ -6,7 +6,7 @@
     push_to_hub("export/ptb", "me/hdlm-ptb")
 
 :func:`load_pretrained` is :func:`hdlm.hub_files.read_pretrained` (the source, its config and
-weights) plus the model built from them (:meth:`hdlm.model.HDLMTransformer.from_files`) and the
+weights) plus the model built from them (:func:`hdlm.backbone.model_from_files`) and the
 tokenizer the checkpoint is used with. Where sources, folder kinds and the Hub-native files are
 described: :mod:`hdlm.hub_files` (below the model, so that the model's own ``from_pretrained`` /
 ``save_pretrained`` use it); this module, above the model, is what commands and the pipeline call.
@@ -25,7 +25,7 @@ from .checkpoint import META_FILE, Checkpoint, load_checkpoint, read_tokenizer_i
 from .config import Config
 from .hub_files import (PretrainedFiles, is_repo_id, pretrained_tokenizer, push_pretrained, push_to_hub,
                         read_pretrained, read_pretrained_config, save_pretrained, weights_sha256)
-from .model import HDLMTransformer
+from .backbone import model_from_files
 from .official import read_official
 
 
@@ -51,7 +51,7 @@ def load_pretrained(source: str | Path, device: Any = "cpu", *, tokenizer: bool 
     line. ``tokenizer=False`` skips the tokenizer (the model alone).
     """
     files = read_pretrained(source, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
-    model = HDLMTransformer.from_files(files, device)
+    model = model_from_files(files, device)
     tok = pretrained_tokenizer(files) if tokenizer else None
     return Pretrained(model, files.config, tok, files.path, files.weights, files.format)
 
@@ -65,13 +65,13 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     """
     path = resolve_checkpoint(Path(path))
     files = read_pretrained(path)
-    return HDLMTransformer.from_files(files, device), files.config, read_tokenizer_identity(path)
+    return model_from_files(files, device), files.config, read_tokenizer_identity(path)
 
 
 def load_official(folder: str | Path, device: Any = "cpu") -> tuple[nn.Module, Config, Path]:
     """(model in eval mode on ``device``, Config, weights file) of an official checkpoint folder."""
     cfg, state, weights = read_official(Path(folder))
-    model = HDLMTransformer.from_files(PretrainedFiles(cfg, state, Path(folder), weights, "official"), device)
+    model = model_from_files(PretrainedFiles(cfg, state, Path(folder), weights, "official"), device)
     return model, cfg, weights
 
 

@@ -344,7 +344,8 @@ class HDLMTransformer(nn.Module):
     @classmethod
     def from_files(cls, files: Any, device: Any = "cpu") -> "HDLMTransformer":
         """The model of a :class:`hdlm.hub_files.PretrainedFiles` (its config and weights), in eval mode;
-        the weights must fit exactly (one HDLMError line naming the first misfit otherwise)."""
+        the weights must fit exactly (one HDLMError line naming the first misfit otherwise). Any
+        backbone: :func:`hdlm.backbone.model_from_files`."""
         from .checkpoint import load_weights
 
         model = cls(files.config.model)
