@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import hdlm.checkpoint as ckpt_lib
-from hdlm.checkpoint import from_pretrained, load_checkpoint, save_checkpoint, save_pretrained
+from hdlm.checkpoint import load_checkpoint, save_checkpoint, save_pretrained
+from hdlm.hub import from_pretrained  # moved from hdlm.checkpoint, which no longer builds models
 from conftest import char_tokenizer_dir
 from hdlm.config import load_config
 from hdlm.errors import HDLMError

@@ -33,7 +33,7 @@ def test_every_subcommand_has_help_for_every_option(capsys):
 
 
 def _readme_commands():
-    text = (ROOT / "README.md").read_text() + (ROOT / "docs" / "user-guide.md").read_text()
+    text = "".join((ROOT / f).read_text() for f in ("README.md", "docs/user-guide.md", "docs/conversion.md"))
     for line in re.findall(r"^(?:\.venv/bin/)?hdlm [^\n#`|]*|`hdlm [^`]*`", text, flags=re.M):
         yield line.strip("`").strip()
 

@@ -76,3 +76,20 @@ def test_old_float64_gumbel_key_is_read_as_draw(tmp_path):
     old.write_text("sample:\n  float64_gumbel: false\n")
     assert load_config(str(old)).sample.draw == "float32-gumbel"
     assert load_config("tiny-ptb", ["sample.float64_gumbel=false"]).sample.draw == "float32-gumbel"
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["model.vocab_layout=official", "model.tie_embeddings=true"], r"model.vocab_layout = official: needs"),
+    (["model.vocab_layout=official", "model.configuration=shifted"], r"model.vocab_layout = official: needs"),
+    (["process.parametrisation=sedd", "process.kind=epsilon"], r"process.parametrisation = sedd: only for the gamma"),
+    (["process.parametrisation=sedd", "process.kind=mdlm"], r"process.parametrisation = sedd: only for the gamma"),
+    (["model.attention=flash"], r"model.attention = 'flash': must be one of sdpa, explicit"),
+])
+def test_official_compatibility_options_refuse_what_they_cannot_mean(overrides, match):
+    """The official layout has no BOS row (tied or SHIFTED would index past it) and the SEDD reading
+    of raw outputs exists only for the score family: such configs fail at load, in one line."""
+    with pytest.raises(HDLMError, match=match) as info:
+        load_config("tiny-ptb", overrides)
+    assert "\n" not in str(info.value)
+    ok = load_config("tiny-ptb", ["process.parametrisation=sedd", "process.kind=absorb", "model.vocab_layout=official"])
+    assert ok.process.parametrisation == "sedd" and ok.model.vocab_layout == "official"

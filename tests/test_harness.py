@@ -199,3 +199,42 @@ def test_user_guide_states_the_code_defaults():
     stated = int(re.search(r"`mc_samples` trajectories per request, default (\d+)", guide).group(1))
     cli = build_parser().parse_args(["eval", "harness", "--checkpoint", "x", "--tasks", "t"]).mc_samples
     assert stated == default == cli
+
+
+def test_a_converted_causal_lm_is_scored_exactly_under_quench_and_bounded_under_block(tmp_path):
+    """A SHIFTED ε-hybrid converted from a (tiny, random) Llama: under Quench it is that causal LM, so the
+    harness's exact log-likelihood must equal the Llama's own next-token log-probabilities (over the
+    tokenizer's N real tokens, the document-start token in front); under its Block schedule it is a bound."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from hdlm.config import load_config
+    from hdlm.conversion import convert_to_folder
+    from hdlm.harness import HDLMHarnessLM
+
+    hf = char_tokenizer_dir(tmp_path / "hf")
+    transformers.PreTrainedTokenizerFast(tokenizer_file=str(hf / "tokenizer.json"), eos_token="<eos>").save_pretrained(hf)
+    torch.manual_seed(0)
+    conf = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    bos_token_id=0, eos_token_id=0, tie_word_embeddings=True)
+    llama = transformers.LlamaForCausalLM(conf).eval()
+    llama.save_pretrained(hf)
+    cfg = load_config("smollm2-ptb-block", {"model.length": 16, "data.cache_dir": str(tmp_path / "cache")})
+    folder = convert_to_folder(str(hf), cfg, tmp_path / "converted")
+
+    lm = HDLMHarnessLM(str(folder), schedule="quench", device="cpu")
+    ctx, cont = lm.encode_pair("the cat", " sat on")
+    logp, greedy = lm.score(ctx, cont)
+    ids = torch.tensor([[0] + ctx + cont])  # the converted model's BOS is the Llama's document start (id 0)
+    with torch.no_grad():
+        ref = torch.log_softmax(llama(ids).logits[0, :-1, :48].double(), -1)
+    targets = torch.tensor(ctx + cont)
+    expect = ref[torch.arange(len(ctx), len(ctx) + len(cont)), targets[len(ctx):]].sum()
+    assert lm.chain.ar and logp == pytest.approx(float(expect), abs=1e-4)
+    assert greedy == bool((ref[len(ctx):].argmax(-1) == targets[len(ctx):]).all())
+
+    block = HDLMHarnessLM(str(folder), device="cpu", mc_samples=2, greedy_check=False)
+    assert not block.chain.ar and block.hs.kind == "block" and block.chain.kernel == "posterior"
+    bound, _ = block.score(ctx, cont)
+    assert math.isfinite(bound) and bound < 0

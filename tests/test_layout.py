@@ -44,6 +44,12 @@ def _naive_forward(model, cells, idx, layout):
 @pytest.mark.parametrize("proc", ["gamma", "epsilon"])
 def test_vectorised_loss_equals_sum_of_intervals_run_alone(kind, conf, proc):
     cfg, model, obj = _setup(kind, conf, proc)
+    check_vectorised_loss_equals_intervals_run_alone(cfg, model, obj, kind)
+
+
+def check_vectorised_loss_equals_intervals_run_alone(cfg, model, obj, kind):
+    """The efficient layout's loss of ``model`` equals each interval run alone (also used for the HF backbone)."""
+    N, D = cfg.model.vocab_size, cfg.model.length
     y = torch.randint(N, (3, D))
     seeds, bseed = torch.tensor([3, 4, 5]), 17
     with torch.no_grad():

@@ -3,11 +3,17 @@
 A *checkpoint* is a folder ``run_dir/step-00001000/`` holding
 
 - ``model.safetensors``: the model weights (``ema.safetensors`` too when EMA is on),
-- ``config.yaml``: the resolved :class:`~hdlm.config.Config` (vocab_size filled in),
-- ``tokenizer.json``: the tokenizer identity (refused later if another tokenizer is used),
+- ``config.yaml``: the resolved :class:`~hdlm.config.Config` (vocab_size filled in); it is the
+  config that is read when present (a hand edit wins),
+- ``config.json``: the same config for the Hugging Face Hub (``{"hdlm_format", "hdlm_version",
+  "config", "tokenizer"}``), read when there is no ``config.yaml``,
+- ``tokenizer.json`` + ``tokenizer_config.json`` + ``special_tokens_map.json``: the whole tokenizer
+  (``tokenizers`` and ``transformers.AutoTokenizer`` load the folder), so the folder samples on
+  its own; older checkpoints hold only the tokenizer identity in ``tokenizer.json``, and load the
+  tokenizer by name as before,
 - ``state.pt``: the rest of the training state (optimizer, LR scheduler, EMA bookkeeping, step,
   RNG states, data-iterator position, metrics so far),
-- ``meta.json``: hdlm version, step, time and the sha256 of every binary file.
+- ``meta.json``: hdlm version, step, time, the tokenizer identity and the sha256 of every binary file.
 
 Writes are atomic: everything goes into a hidden temporary folder beside the target, each file is
 fsynced, the folder is renamed into place, and only then is ``run_dir/latest`` (the name of the
@@ -30,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import yaml
 from torch import Tensor, nn
@@ -38,11 +43,14 @@ from torch import Tensor, nn
 from ._version import __version__
 from .config import Config
 from .errors import HDLMError
+from .runtime import from_weights_only, to_weights_only
 
 LATEST = "latest"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.yaml"
+HUB_CONFIG_FILE = "config.json"
+HUB_FORMAT = 1  # the "hdlm_format" of config.json
 TOKENIZER_FILE = "tokenizer.json"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -146,34 +154,6 @@ def _one_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def _to_safe(obj: Any) -> Any:
-    """Make a state tree loadable with ``torch.load(weights_only=True)``: numpy values become
-    tensors/ints with a marker so :func:`_from_safe` can restore them exactly."""
-    if isinstance(obj, np.ndarray):
-        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj).copy()), "dtype": str(obj.dtype)}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, dict):
-        return {k: _to_safe(v) for k, v in obj.items()}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_to_safe(v) for v in obj]}
-    if isinstance(obj, list):
-        return [_to_safe(v) for v in obj]
-    return obj
-
-
-def _from_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        if "__ndarray__" in obj and set(obj) == {"__ndarray__", "dtype"}:
-            return obj["__ndarray__"].numpy().astype(obj["dtype"], copy=False)
-        if set(obj) == {"__tuple__"}:
-            return tuple(_from_safe(v) for v in obj["__tuple__"])
-        return {k: _from_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_from_safe(v) for v in obj]
-    return obj
-
-
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -192,24 +172,25 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 # writing
 
 
-def _write_folder(folder: Path, weights: dict[str, Tensor], cfg: Config, tokenizer_identity: dict,
+def _write_folder(folder: Path, weights: dict[str, Tensor], cfg: Config, tokenizer: Any,
                   ema: dict[str, Tensor] | None, state: dict | None, step: int) -> None:
     """Fill ``folder`` (a fresh temporary folder); meta.json, holding the hashes, comes last."""
     _save_safetensors(folder / MODEL_FILE, weights)
     if ema is not None:
         _save_safetensors(folder / EMA_FILE, ema)
     _write_file(folder / CONFIG_FILE, lambda f: f.write(cfg.to_yaml()), binary=False)
-    _write_file(folder / TOKENIZER_FILE, lambda f: json.dump(tokenizer_identity, f, indent=1, sort_keys=True),
-                binary=False)
+    identity = write_tokenizer(folder, tokenizer, cfg)
+    _write_file(folder / HUB_CONFIG_FILE, lambda f: json.dump(hub_config(cfg, identity), f, indent=1), binary=False)
     if state is not None:
         buf = io.BytesIO()
-        torch.save(_to_safe(state), buf)
+        torch.save(to_weights_only(state), buf)
         _write_file(folder / STATE_FILE, lambda f: f.write(buf.getvalue()))
     files = [MODEL_FILE] + ([EMA_FILE] if ema is not None else []) + ([STATE_FILE] if state is not None else [])
     meta = {
         "hdlm_version": __version__,
         "step": int(step),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tokenizer": identity,
         "sha256": {name: sha256_file(folder / name) for name in files},
     }
     _write_file(folder / META_FILE, lambda f: json.dump(meta, f, indent=1), binary=False)
@@ -226,6 +207,18 @@ def _publish(tmp: Path, final: Path) -> None:
     else:
         os.rename(tmp, final)
     _fsync_dir(final.parent)
+
+
+def _write_atomically(final: Path, *folder_args: Any) -> None:
+    """:func:`_write_folder` into a temporary folder beside ``final``, then rename it into place."""
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _write_folder(tmp, *folder_args)
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _write_latest(run_dir: Path, name: str) -> None:
@@ -261,10 +254,12 @@ def read_latest(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str, Tensor], cfg: Config,
-                    tokenizer_identity: dict, train_state: dict, *, ema: dict[str, Tensor] | None = None,
+                    tokenizer_identity: Any, train_state: dict, *, ema: dict[str, Tensor] | None = None,
                     keep: int = 2) -> Path:
     """Atomically write the checkpoint of ``step`` into ``run_dir`` and point ``latest`` at it.
 
+    ``tokenizer_identity``: the :class:`~hdlm.tokenizers.Tokenizer` (written whole, so the folder
+    samples on its own) or, as older callers pass, its identity dict;
     ``model`` is a module (wrappers are removed) or an already gathered state dict (FSDP);
     ``ema`` the EMA weights as a full model state dict (written to ``ema.safetensors``);
     ``keep`` the number of newest checkpoints to keep (older ones are deleted after the switch).
@@ -275,22 +270,17 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str,
     _clean_temporaries(run_dir)
     weights = model if isinstance(model, dict) else unwrap_model(model).state_dict()
     final = run_dir / step_dir_name(step)
-    tmp = run_dir / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        _write_folder(tmp, weights, cfg, tokenizer_identity, ema, dict(train_state, step=int(step)), step)
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _write_atomically(final, weights, cfg, tokenizer_identity, ema, dict(train_state, step=int(step)), step)
     _write_latest(run_dir, final.name)
     _prune(run_dir, keep)
     return final
 
 
-def save_pretrained(model: nn.Module | dict[str, Tensor], cfg: Config, tokenizer_identity: dict,
+def save_pretrained(model: nn.Module | dict[str, Tensor], cfg: Config, tokenizer_identity: Any,
                     out_dir: str | Path, *, ema: dict[str, Tensor] | None = None) -> Path:
-    """Weights + config + tokenizer identity only (no training state), for sampling and sharing.
+    """Weights + config + tokenizer only (no training state), for sampling and sharing: the
+    Hub-native folder :func:`hdlm.hub.load_pretrained` reads (``tokenizer_identity`` as in
+    :func:`save_checkpoint`; None writes no tokenizer).
 
     The EMA weights are the ones saved when given, since the paper evaluates the EMA model.
     The folder is written atomically like a checkpoint.
@@ -298,15 +288,7 @@ def save_pretrained(model: nn.Module | dict[str, Tensor], cfg: Config, tokenizer
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     weights = ema if ema is not None else (model if isinstance(model, dict) else unwrap_model(model).state_dict())
-    step = 0
-    tmp = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        _write_folder(tmp, weights, cfg, tokenizer_identity, None, None, step)
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _write_atomically(out_dir, weights, cfg, tokenizer_identity, None, None, 0)
     return out_dir
 
 
@@ -321,7 +303,7 @@ def resolve_checkpoint(path_or_run_dir: str | Path) -> Path:
         raise HDLMError(f"checkpoint '{path}' not found")
     if not path.is_dir():
         raise HDLMError(f"checkpoint '{path}' is not a folder")
-    if (path / META_FILE).exists() or (path / MODEL_FILE).exists():
+    if any((path / name).exists() for name in (META_FILE, MODEL_FILE, HUB_CONFIG_FILE, "pytorch_model.bin")):
         return path
     latest = read_latest(path)
     ckpts = list_checkpoints(path)
@@ -355,29 +337,54 @@ def _verified(path: Path, name: str, meta: dict) -> Path:
 
 
 def read_config(path: str | Path) -> Config:
-    """The validated config of a checkpoint folder (or run folder)."""
+    """The validated config of a checkpoint folder (or run folder): config.yaml, else config.json."""
     path = resolve_checkpoint(path)
     f = path / CONFIG_FILE
-    if not f.exists():
+    hub = read_hub_config(path) if not f.exists() else None
+    if hub is not None and "hdlm_format" in hub:
+        d, f = hub.get("config"), path / HUB_CONFIG_FILE
+    elif not f.exists():
         raise HDLMError(f"checkpoint {path}: missing file {CONFIG_FILE}")
-    try:
-        d = yaml.safe_load(f.read_text())
-    except yaml.YAMLError as e:
-        raise HDLMError(f"checkpoint file {f} is not valid YAML ({_one_line(e)})") from None
+    else:
+        try:
+            d = yaml.safe_load(f.read_text())
+        except yaml.YAMLError as e:
+            raise HDLMError(f"checkpoint file {f} is not valid YAML ({_one_line(e)})") from None
     try:
         return Config.from_dict(d)
     except HDLMError as e:
         raise HDLMError(f"checkpoint file {f}: {e}") from None
 
 
-def read_tokenizer_identity(path: Path) -> dict:
+def _read_tokenizer_json(path: Path) -> dict:
     f = path / TOKENIZER_FILE
     if not f.exists():
         raise HDLMError(f"checkpoint {path}: missing file {TOKENIZER_FILE}")
     try:
-        return json.loads(f.read_text())
+        d = json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HDLMError(f"checkpoint file {f} is corrupt ({_one_line(e)})") from None
+    if not isinstance(d, dict):
+        raise HDLMError(f"checkpoint file {f} is corrupt (expected a JSON object)")
+    return d
+
+
+def _is_identity(d: dict) -> bool:
+    """An identity-only tokenizer.json (checkpoints written before the whole tokenizer was)."""
+    return "vocab_hash" in d and "model" not in d
+
+
+def read_tokenizer_identity(path: Path) -> dict:
+    """The tokenizer identity of a checkpoint folder: the identity-only ``tokenizer.json`` of older
+    checkpoints, else the one recorded in meta.json / config.json, else computed from the file."""
+    d = _read_tokenizer_json(path)
+    if _is_identity(d):
+        return d
+    from .tokenizers import from_path
+
+    if (recorded := recorded_identity(path)) is not None:
+        return recorded
+    return from_path(path).identity()
 
 
 def load_checkpoint(path_or_run_dir: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -398,7 +405,7 @@ def load_checkpoint(path_or_run_dir: str | Path, map_location: str | torch.devic
     if STATE_FILE in meta.get("sha256", {}) or (path / STATE_FILE).exists():
         f = _verified(path, STATE_FILE, meta)
         try:
-            train_state = _from_safe(torch.load(f, map_location=map_location, weights_only=True))
+            train_state = from_weights_only(torch.load(f, map_location=map_location, weights_only=True))
         except Exception as e:
             raise HDLMError(f"checkpoint file {f} is corrupt or unreadable ({_one_line(e)})") from None
     return Checkpoint(path=path, step=int(meta.get("step", train_state.get("step", 0))), config=cfg,
@@ -423,20 +430,69 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], source: str | Path)
     target.load_state_dict(state, strict=True)
 
 
-def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config, dict]:
-    """Build the model of a pretrained folder, checkpoint folder or run folder and load its weights.
-
-    Uses the EMA weights when the checkpoint has them (the paper evaluates EMA models).
-    Returns ``(model in eval mode on device, config, tokenizer identity)``.
-    """
-    from .model import HDLMTransformer
-
-    path = resolve_checkpoint(path)
-    meta = _read_meta(path)
-    cfg = read_config(path)
-    tok = read_tokenizer_identity(path)
+def read_weights(path: Path) -> tuple[dict[str, Tensor], Path]:
+    """The weights a pretrained folder is used with: the EMA weights when it has them (the paper
+    evaluates EMA models), else the model's; checked against meta.json's sha256 when there is one
+    (a folder assembled on the Hub may lack meta.json). Returns (state dict, file)."""
+    meta = _read_meta(path) if (path / META_FILE).exists() else {}
     name = EMA_FILE if (EMA_FILE in meta.get("sha256", {}) or (path / EMA_FILE).exists()) else MODEL_FILE
-    state = _load_safetensors(_verified(path, name, meta), "cpu")
-    model = HDLMTransformer(cfg.model)
-    load_weights(model, state, path / name)
-    return model.to(device).eval(), cfg, tok
+    f = _verified(path, name, meta)
+    return _load_safetensors(f, "cpu"), f
+
+
+# --------------------------------------------------------------------------------------------
+# the Hub-native files of a folder: config.json and the whole tokenizer
+
+
+def hub_config(cfg: Config, identity: dict | None) -> dict:
+    """The ``config.json`` of an hdlm folder: the whole config, for the Hub and for readers without YAML."""
+    return {"hdlm_format": HUB_FORMAT, "hdlm_version": __version__, "config": cfg.to_dict(), "tokenizer": identity}
+
+
+def read_hub_config(path: Path) -> dict | None:
+    """The parsed ``config.json`` of a folder (an hdlm or an official one), or None when it has none."""
+    f = Path(path) / HUB_CONFIG_FILE
+    if not f.is_file():
+        return None
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HDLMError(f"checkpoint file {f} is not valid JSON ({_one_line(e)})") from None
+    if not isinstance(d, dict):
+        raise HDLMError(f"checkpoint file {f}: expected a JSON object")
+    return d
+
+
+def write_tokenizer(folder: Path, tokenizer: Any, cfg: Config) -> dict | None:
+    """Write a folder's tokenizer files; returns the tokenizer identity.
+
+    A :class:`~hdlm.tokenizers.Tokenizer` is written whole (:meth:`~hdlm.tokenizers.Tokenizer.save`);
+    a bare identity dict (older callers) as an identity-only ``tokenizer.json``; None writes nothing.
+    """
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, dict):
+        _write_file(folder / TOKENIZER_FILE, lambda f: json.dump(tokenizer, f, indent=1, sort_keys=True),
+                    binary=False)
+        return tokenizer
+    for path in tokenizer.save(folder, model_max_length=cfg.model.length):
+        fd = os.open(path, os.O_RDONLY)  # fsynced like every other file before the folder is published
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return tokenizer.identity()
+
+
+def recorded_identity(path: Path) -> dict | None:
+    """The tokenizer identity that meta.json or config.json records, if any."""
+    for name in (META_FILE, HUB_CONFIG_FILE):
+        f = Path(path) / name
+        if f.is_file():
+            try:
+                recorded = json.loads(f.read_text(encoding="utf-8")).get("tokenizer")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                recorded = None
+            if isinstance(recorded, dict) and "vocab_hash" in recorded:
+                return recorded
+    return None

@@ -17,6 +17,7 @@ from .errors import HDLMError
 COMMANDS = {
     "schedule": ("hdlm.commands.schedule", "print or draw a hyperschedule (paper Fig. 2)"),
     "train": ("hdlm.commands.train", "train a model (any process x hyperschedule x ALIGNED/SHIFTED)"),
+    "convert": ("hdlm.commands.convert", "convert a pretrained causal LM (HF, GGUF) into a hybrid diffusion LM"),
     "sample": ("hdlm.commands.sample", "generate text from a checkpoint (KV-cached samplers)"),
     "eval": ("hdlm.commands.eval", "evaluate: perplexity bound, generative perplexity, entropy, MAUVE"),
     "run": ("hdlm.commands.run", "the main job: train, sample and evaluate, then write a report"),

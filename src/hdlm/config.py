@@ -33,6 +33,7 @@ INF = math.inf
 SCHEDULE_KINDS = ("quench", "flat", "block", "slide")  # Fig. 2
 WINDOWED_KINDS = ("block", "slide")  # the kinds with a window width omega
 PROCESS_KINDS = ("absorb", "uniform", "gamma", "epsilon", "mdlm")
+GAMMA_FAMILY = ("absorb", "uniform", "gamma")  # the score family (SEDD ratios)
 NOISE_KINDS = ("loglinear", "linear", "geometric", "cosine")
 SAMPLER_NAMES = ("auto", "analytic", "euler", "ancestral", "acs", "posterior", "ar")
 DRAW_METHODS = ("cdf", "gumbel", "float32-gumbel")  # how samplers draw a token (App. F.2)
@@ -40,6 +41,9 @@ LOGGERS = ("none", "tensorboard", "wandb", "trackio")  # experiment trackers (hd
 DETOKENIZERS = ("none", "ptb", "wikitext", "lm1b", "lambada", "scientific_papers")  # SEDD / MDLM text rules
 ESTIMATORS = ("discrete", "continuous")  # perplexity bounds (App. C.1)
 VARIATIONAL_CHAINS = ("auto", "forward", "absorb")  # the discrete bound's noising chain q
+PARAMETRISATIONS = ("subs", "sedd")  # how a gamma-family output is read (hdlm / SEDD and official)
+VOCAB_LAYOUTS = ("hdlm", "official")  # embedding / head rows (official: N+1, no BOS)
+ATTENTION_KINDS = ("sdpa", "explicit")  # explicit: the official computation written out
 
 _PYDANTIC = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True)
 
@@ -113,6 +117,24 @@ class ModelConfig(_Section):
     settled_attention: _choice(("causal", "block")) = _f(
         "causal", "how settled tokens attend each other: token-causal or block-causal")
     pad_vocab_to: int = _f(64, "pad the output head to a multiple of this (speed)", ge=1)
+    # --- exact compatibility with the published ServiceNow/hdlm checkpoints: hdlm.official sets these
+    # when it loads one (docs/checkpoints.md); hdlm's own models keep the defaults.
+    vocab_layout: _choice(VOCAB_LAYOUTS) = _f(
+        "hdlm", "token rows: hdlm (N+2 embedding rows, BOS included) or official (N+1 embedding rows, no BOS, "
+                "and an N+1-row head with a MASK column)")
+    norm_fp32: bool = _f(False, "LayerNorm computed in float32 whatever the model dtype, then times its weight")
+    final_adaln: bool = _f(True, "adaLN modulation before the head when time-conditioned (official: none)")
+    attention: _choice(ATTENTION_KINDS) = _f(
+        "sdpa", "sdpa (fused) or explicit (the official softmax(q.k/sqrt(d)) written out: a query allowed "
+                "no key attends uniformly)")
+    rotary_buffer: bool = _f(False, "rotary inv_freq kept as a checkpoint buffer; angles in its dtype")
+
+    # ---- backbone (docs/conversion.md): the DiT above, or a pretrained Hugging Face causal LM converted by
+    # `hdlm convert` (hdlm.hf_backbone). With "hf" the HF config fixes the network and the DiT sizes above
+    # (n_layers, hidden, n_heads, mlp_ratio, dropout, tie_embeddings, pad_vocab_to) are unused.
+    backbone: _choice(("dit", "hf")) = _f("dit", "dit (HDLMTransformer) or hf (a converted causal LM)")
+    hf_config: Optional[dict] = _f(None, "backbone hf: the HF model's config.json, as a mapping")
+    hf_source: str = _f("", "backbone hf: where the pretrained weights came from (a record)")
 
     def __post_init__(self) -> None:
         if self.hidden % self.n_heads:
@@ -120,6 +142,9 @@ class ModelConfig(_Section):
         if (self.hidden // self.n_heads) % 2:
             raise HDLMError(f"config model.hidden / model.n_heads = {self.hidden // self.n_heads}: "
                             f"must be even (rotary)")
+        if self.vocab_layout == "official" and (self.tie_embeddings or self.configuration != "aligned"):
+            raise HDLMError("config model.vocab_layout = official: needs model.tie_embeddings = false and "
+                            "model.configuration = aligned (the official layout has no BOS row)")
 
     @property
     def shift(self) -> int:
@@ -139,6 +164,14 @@ class ProcessConfig(_Section):
     noise_eps: float = _f(1e-3, "loglinear/linear/cosine: alpha(1) = noise_eps", gt=0.0, lt=1.0)
     sigma_min: float = _f(1e-4, "geometric: sigma_bar(0)", gt=0.0, le=100.0)
     sigma_max: float = _f(20.0, "geometric: sigma_bar(1)", gt=0.0, le=1000.0)
+    # --- how a gamma-family network output is read (hdlm.sedd_score; docs/checkpoints.md): "subs" = hdlm's
+    # logits of the real token given it is not masked; "sedd" = SEDD / official scale_by_sigma log-ratios.
+    parametrisation: _choice(PARAMETRISATIONS) = _f("subs", "gamma family: subs (hdlm) or sedd (official)")
+
+    def __post_init__(self) -> None:
+        if self.parametrisation == "sedd" and self.kind not in GAMMA_FAMILY:
+            raise HDLMError(f"config process.parametrisation = sedd: only for the gamma family "
+                            f"({', '.join(GAMMA_FAMILY)}), not process.kind = {self.kind}")
 
 
 @section("schedule")

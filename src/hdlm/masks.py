@@ -259,8 +259,10 @@ def flex_block_mask(q_layout: CellLayout, kv_layout: CellLayout | None = None, d
 _FLEX_FN: dict[str, Callable] = {}
 
 
-def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, **kwargs: Any) -> Tensor:
     """FlexAttention with ``block_mask``: compiled on CUDA (the fused kernel), eager elsewhere.
+
+    ``kwargs`` go to FlexAttention (e.g. ``scale``, ``enable_gqa`` for an HF backbone's attention).
 
     Errors are never swallowed: a compiled call whose exception was caught can silently fall
     back to a slow path for later shapes (DESIGN.md §9).
@@ -270,7 +272,7 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
     kind = q.device.type
     if kind not in _FLEX_FN:
         _FLEX_FN[kind] = torch.compile(_flex, dynamic=False) if kind == "cuda" else _flex
-    return _FLEX_FN[kind](q, k, v, block_mask=block_mask)
+    return _FLEX_FN[kind](q, k, v, block_mask=block_mask, **kwargs)
 
 
 def naive_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:

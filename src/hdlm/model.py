@@ -121,13 +121,24 @@ def timestep_embedding(sigma: Tensor, dim: int = FREQUENCY_EMBEDDING_SIZE, max_p
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def rotary_cos_sin(positions: Tensor, head_dim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def rotary_inv_freq(head_dim: int) -> Tensor:
+    """The float32 frequencies 1 / base^(2k / head_dim) that the official checkpoints store as a buffer."""
+    return 1.0 / (ROTARY_BASE ** (torch.arange(0, head_dim, 2).float() / head_dim))
+
+
+def rotary_cos_sin(positions: Tensor, head_dim: int, dtype: torch.dtype,
+                   inv_freq: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """cos, sin of the rotary angles (Su et al.) for positions (L,) or (B, L) -> (B|1, 1, L, head_dim).
 
-    Angles are computed in float32 at least (a bf16 angle at position 1000 is far off).
+    Angles are computed in float32 at least (a bf16 angle at position 1000 is far off). With a
+    stored ``inv_freq`` (official checkpoints) they are computed in that buffer's dtype, as there.
     """
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq = ROTARY_BASE ** (-torch.arange(0, head_dim, 2, dtype=work, device=positions.device) / head_dim)
+    if inv_freq is None:
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        inv_freq = ROTARY_BASE ** (-torch.arange(0, head_dim, 2, dtype=work, device=positions.device) / head_dim)
+    else:
+        work = inv_freq.dtype if inv_freq.dtype in (torch.float32, torch.float64) else torch.float32
+        inv_freq = inv_freq.to(work)
     angles = positions.to(work)[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
     angles = angles[None, None] if positions.dim() == 1 else angles[:, None]
@@ -144,11 +155,39 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
-    """Attention with a boolean mask (SDPA), a FlexAttention BlockMask, or no mask (dense)."""
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Any, explicit: bool = False) -> Tensor:
+    """Attention with a boolean mask (SDPA), a FlexAttention BlockMask, or no mask (dense).
+
+    ``explicit`` (official checkpoints, boolean or no mask): the official computation written
+    out, bitwise: scores q·kᵀ/√d, −inf where masked, a query row allowed no key scores 0
+    everywhere (so it attends uniformly to all keys), softmax, times v. hdlm's own layouts never
+    produce such rows (every cell sees itself).
+    """
+    if explicit and (mask is None or isinstance(mask, Tensor)):
+        scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        scores = torch.where(torch.isinf(scores).all(dim=-1, keepdim=True), torch.zeros_like(scores), scores)
+        return torch.einsum("bhij,bhjd->bhid", torch.softmax(scores, dim=-1), v)
     if mask is None or isinstance(mask, Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return masks_lib.flex_attention(q, k, v, mask)
+
+
+class FP32LayerNorm(nn.Module):
+    """Bias-free LayerNorm (eps 1e-5) computed in float32 whatever the input dtype, then times
+    its weight: the official checkpoints' norm (a float64 model keeps float32 norm precision)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x.float(), (x.shape[-1],)) * self.weight
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return FP32LayerNorm(cfg.hidden) if cfg.norm_fp32 else nn.LayerNorm(cfg.hidden, bias=False)
 
 
 class NoiseEmbedding(nn.Module):
@@ -170,14 +209,15 @@ class DiTBlock(nn.Module):
         super().__init__()
         h = cfg.hidden
         self.n_heads, self.head_dim = cfg.n_heads, h // cfg.n_heads
-        self.norm1 = nn.LayerNorm(h, bias=False)
+        self.norm1 = make_norm(cfg)
         self.qkv = nn.Linear(h, 3 * h, bias=False)
         self.proj = nn.Linear(h, h, bias=False)
-        self.norm2 = nn.LayerNorm(h, bias=False)
+        self.norm2 = make_norm(cfg)
         self.mlp = nn.Sequential(nn.Linear(h, cfg.mlp_ratio * h), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.mlp_ratio * h, h))
         self.dropout = nn.Dropout(cfg.dropout)
         self.adaLN = nn.Linear(cfg.cond_dim, 6 * h) if cfg.time_conditioning else None
+        self.explicit_attention = cfg.attention == "explicit"
 
     def attention(self, x: Tensor, rotary: tuple[Tensor, Tensor], mask: Any,
                   cache: KVCache | None, layer: int) -> Tensor:
@@ -187,7 +227,7 @@ class DiTBlock(nn.Module):
         if cache is not None:
             k, v = cache.extend(layer, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        out = attend(q, k, v, mask)
+        out = attend(q, k, v, mask, self.explicit_attention)
         return self.proj(out.transpose(1, 2).reshape(B, L, h))
 
     def forward(self, x: Tensor, c: Tensor | None, rotary: tuple[Tensor, Tensor], mask: Any,
@@ -233,6 +273,9 @@ class HDLMTransformer(nn.Module):
         self.n_layers, self.n_heads, self.head_dim = cfg.n_layers, cfg.n_heads, cfg.hidden // cfg.n_heads
         n_head_rows = round_up(self.n_real, cfg.pad_vocab_to)
         n_embed_rows = round_up(self.n_real + 2, cfg.pad_vocab_to) if cfg.tie_embeddings else self.n_real + 2
+        if cfg.vocab_layout == "official":  # N + 1 rows each, MASK last, no BOS; the head scores MASK too
+            n_head_rows = n_embed_rows = self.n_real + 1
+        self.n_columns = self.n_real + 1 if cfg.vocab_layout == "official" else self.n_real
 
         # build on the meta device and initialise once, in place (PyTorch's default init of
         # 170M parameters would be thrown away by reset_parameters anyway)
@@ -241,8 +284,9 @@ class HDLMTransformer(nn.Module):
             self.token_embedding = nn.Parameter(torch.empty(n_embed_rows, cfg.hidden))
             self.noise_embedding = NoiseEmbedding(cfg.cond_dim) if cfg.time_conditioning else None
             self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_layers))
-            self.norm_final = nn.LayerNorm(cfg.hidden, bias=False)
-            self.adaLN_final = nn.Linear(cfg.cond_dim, 2 * cfg.hidden) if cfg.time_conditioning else None
+            self.norm_final = make_norm(cfg)
+            final_adaln = cfg.time_conditioning and cfg.final_adaln
+            self.adaLN_final = nn.Linear(cfg.cond_dim, 2 * cfg.hidden) if final_adaln else None
             if cfg.tie_embeddings:
                 self.head = None
                 self.head_bias = nn.Parameter(torch.zeros(n_embed_rows))
@@ -250,6 +294,10 @@ class HDLMTransformer(nn.Module):
                 self.head = nn.Linear(cfg.hidden, n_head_rows)
                 self.head_bias = None
         self.to_empty(device=device)
+        if cfg.rotary_buffer:  # official checkpoints store the rotary frequencies (float32)
+            self.register_buffer("rotary_inv_freq", rotary_inv_freq(self.head_dim).to(device))
+        else:
+            self.rotary_inv_freq = None
         self.reset_parameters()
 
     # ---- initialisation and bookkeeping
@@ -262,7 +310,7 @@ class HDLMTransformer(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.LayerNorm, FP32LayerNorm)):
                 nn.init.ones_(module.weight)
         nn.init.normal_(self.token_embedding, std=0.02)
         zero = [block.adaLN for block in self.blocks] + [self.adaLN_final, self.head]
@@ -283,6 +331,51 @@ class HDLMTransformer(nn.Module):
                 total -= self.head.weight.numel()
         return total
 
+    # ---- Hub-native folders (hdlm.hub_files; hdlm.hub adds the tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, source: Any, device: Any = "cpu", **hub: Any) -> "HDLMTransformer":
+        """The model of any checkpoint :func:`hdlm.hub.load_pretrained` reads (a folder, a Hub id,
+        an official checkpoint), in eval mode; ``hub``: revision, local_files_only, cache_dir."""
+        from .hub_files import read_pretrained
+
+        return cls.from_files(read_pretrained(source, **hub), device)
+
+    @classmethod
+    def from_files(cls, files: Any, device: Any = "cpu") -> "HDLMTransformer":
+        """The model of a :class:`hdlm.hub_files.PretrainedFiles` (its config and weights), in eval mode;
+        the weights must fit exactly (one HDLMError line naming the first misfit otherwise). Any
+        backbone: :func:`hdlm.backbone.model_from_files`."""
+        from .checkpoint import load_weights
+
+        model = cls(files.config.model)
+        load_weights(model, files.state, files.weights)
+        return model.to(device).eval()
+
+    def save_pretrained(self, out_dir: Any, config: Any = None, tokenizer: Any = None) -> Any:
+        """Write a Hub-native folder (:func:`hdlm.hub_files.save_pretrained`): ``config`` is the whole
+        :class:`~hdlm.config.Config` (default: this model section, defaults elsewhere) and
+        ``tokenizer`` the :class:`~hdlm.tokenizers.Tokenizer` to save with it (None: none)."""
+        import dataclasses
+
+        from .config import Config
+        from .hub_files import save_pretrained
+
+        if config is None:
+            config = Config.from_dict({"model": dataclasses.asdict(self.cfg)})
+        return save_pretrained(self, config, tokenizer, out_dir)
+
+    def push_to_hub(self, repo_id: str, config: Any = None, tokenizer: Any = None, **kwargs: Any) -> str:
+        """:meth:`save_pretrained` into a temporary folder and upload it (``token``, ``private``, ...)."""
+        import tempfile
+        from pathlib import Path
+
+        from .hub_files import push_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / repo_id.split("/")[-1], config, tokenizer)
+            return push_to_hub(folder, repo_id, **kwargs)
+
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device: Any = None) -> KVCache:
         """An empty :class:`KVCache` sized for this model."""
         ref = self.token_embedding
@@ -302,7 +395,7 @@ class HDLMTransformer(nn.Module):
 
     def forward(self, tokens: Tensor, sigma: Tensor | None, positions: Tensor | None = None, mask: Any = None,
                 keep: Tensor | None = None, out_index: Tensor | None = None, cache: KVCache | None = None,
-                commit: int = 0) -> Tensor:
+                commit: int = 0, all_columns: bool = False) -> Tensor:
         """Raw outputs (B, K, N) at the cells ``out_index`` (K,)/(B, K), or at all L cells.
 
         tokens (B, L) ids in [0, N+1]; sigma (B, L) σ̄ of the position each cell predicts (ignored
@@ -310,7 +403,8 @@ class HDLMTransformer(nn.Module):
         (= p + shift; default cache.length + arange(L)); mask bool (L, Lcache+L) or
         (B, 1, L, Lcache+L), a FlexAttention BlockMask, or None (dense); keep (B, L) Eq. (12) keep
         weights (used when cfg.weighted_embedding). With ``cache``, keys/values are
-        cached ⁀ new and the first ``commit`` new cells are appended to the cache.
+        cached ⁀ new and the first ``commit`` new cells are appended to the cache. ``all_columns``:
+        also return the MASK column of a head that has one (``vocab_layout = official``).
         """
         B, L = tokens.shape
         cached = cache.length if cache is not None else 0
@@ -329,7 +423,7 @@ class HDLMTransformer(nn.Module):
             if sigma is None:
                 raise ValueError("sigma is required when the model is time-conditioned")
             c = F.silu(self.noise_embedding(sigma))
-        rotary = rotary_cos_sin(positions, self.head_dim, x.dtype)
+        rotary = rotary_cos_sin(positions, self.head_dim, x.dtype, self.rotary_inv_freq)
         for layer, block in enumerate(self.blocks):
             x = block(x, c, rotary, mask, cache, layer)
         if cache is not None:
@@ -345,4 +439,4 @@ class HDLMTransformer(nn.Module):
             raw = self.head(x)
         else:
             raw = F.linear(x, self.token_embedding, self.head_bias)
-        return raw[..., : self.n_real]
+        return raw[..., : self.n_columns if all_columns else self.n_real]

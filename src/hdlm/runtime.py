@@ -4,6 +4,9 @@
 - :func:`autocast`: bf16 autocast on CUDA, fp32 on CPUs (bf16 matmul is slow there, DESIGN.md §9).
 - Seeds: every random choice is seeded by :func:`mix_seed` of (seed, :class:`Stream`, indices…), so a
   draw does not depend on batching, rank or resumption. The streams are named below.
+- RNG states for exact resume: :func:`rng_state` / :func:`set_rng_state`, and
+  :func:`to_weights_only` / :func:`from_weights_only`, which let such (NumPy-holding) state trees go
+  through ``torch.load(weights_only=True)`` unchanged.
 - :class:`Dist` / :func:`setup_distributed`: the torch.distributed process group under torchrun.
 """
 
@@ -119,6 +122,35 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def to_weights_only(obj: Any) -> Any:
+    """Make a state tree loadable with ``torch.load(weights_only=True)``: numpy values become
+    tensors/ints with a marker so :func:`from_weights_only` can restore them exactly."""
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj).copy()), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: to_weights_only(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [to_weights_only(v) for v in obj]}
+    if isinstance(obj, list):
+        return [to_weights_only(v) for v in obj]
+    return obj
+
+
+def from_weights_only(obj: Any) -> Any:
+    """The inverse of :func:`to_weights_only`."""
+    if isinstance(obj, dict):
+        if "__ndarray__" in obj and set(obj) == {"__ndarray__", "dtype"}:
+            return obj["__ndarray__"].numpy().astype(obj["dtype"], copy=False)
+        if set(obj) == {"__tuple__"}:
+            return tuple(from_weights_only(v) for v in obj["__tuple__"])
+        return {k: from_weights_only(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_weights_only(v) for v in obj]
+    return obj
 
 
 # --------------------------------------------------------------------------------------------

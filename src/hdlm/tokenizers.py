@@ -164,6 +164,24 @@ class Tokenizer:
         """
         return {"name": self.name, "vocab_hash": self._vocab_hash, "vocab_size": self.vocab_size}
 
+    def save(self, folder: str | Path, model_max_length: int | None = None) -> list[Path]:
+        """Write the whole tokenizer as a Hugging Face tokenizer folder: ``tokenizer.json`` (what
+        ``tokenizers.Tokenizer.from_file`` reads) plus ``tokenizer_config.json`` and
+        ``special_tokens_map.json`` (what ``transformers.AutoTokenizer.from_pretrained`` reads).
+        Returns the files written."""
+        folder = Path(folder)
+        eos = self.backend.id_to_token(self.eos_id)
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
+                  "clean_up_tokenization_spaces": False, "hdlm_tokenizer": self.identity()}
+        if model_max_length is not None:
+            config["model_max_length"] = int(model_max_length)
+        files = {"tokenizer.json": self.backend.to_str(pretty=True),
+                 "tokenizer_config.json": json.dumps(config, indent=1, ensure_ascii=False),
+                 "special_tokens_map.json": json.dumps({"eos_token": eos}, indent=1, ensure_ascii=False)}
+        for name, text in files.items():
+            (folder / name).write_text(text + "\n", encoding="utf-8")
+        return [folder / name for name in files]
+
     def check_matches(self, identity: dict) -> None:
         """Raise HDLMError unless ``identity`` (from a checkpoint) describes this vocabulary."""
         mine = self.identity()

@@ -34,7 +34,8 @@ from .checkpoint import Checkpoint, list_checkpoints, load_checkpoint, load_weig
 from .config import Config, TrainConfig
 from .data import BatchIterator, load_split
 from .errors import HDLMError
-from .model import HDLMTransformer
+from .backbone import build_model
+from .hub import init_checkpoint
 from .objective import Objective, build_objective
 from .optim import EMA, full_optimizer_state, full_weights, load_optimizer_state, make_optimizer, no_sync, wrap_model
 from .runtime import (Dist, Stream, autocast, mix_seed, resolve_device, rng_state, seed_everything, set_rng_state,
@@ -143,7 +144,7 @@ class TrainState:
     dist: Dist
     device: torch.device
     tokenizer: Any
-    model: nn.Module  # the bare HDLMTransformer
+    model: nn.Module  # the bare backbone (HDLMTransformer or HFBackbone)
     net: nn.Module  # what runs the step: compiled and/or wrapped in DDP / FSDP
     ema: EMA | None
     opt: torch.optim.Optimizer
@@ -194,10 +195,10 @@ def _build_model(cfg: Config, ckpt: Checkpoint | None, tokenizer, dist: Dist,
     wrapped network, and the EMA of the wrapped parameters."""
     tc = cfg.train
     seed_everything(tc.seed)
-    model = HDLMTransformer(cfg.model)
+    model = build_model(cfg.model)
     init = ckpt
-    if init is None and tc.init_from:  # Stage 2 (App. B.1): the Stage-1 weights, a fresh optimizer
-        init = load_checkpoint(tc.init_from)
+    if init is None and tc.init_from:  # Stage 2 (App. B.1): the Stage-1 weights, a fresh optimizer; any
+        init = init_checkpoint(tc.init_from)  # hdlm checkpoint, folder or Hub id (official models too)
         tokenizer.check_matches(init.tokenizer)
     if init is not None:
         load_weights(model, init.model_state, init.path)
@@ -326,8 +327,8 @@ def save(state: TrainState) -> Path | None:
     }
     path = None
     if dist.main:
-        path = save_checkpoint(state.out_dir, state.step, weights, state.cfg, state.tokenizer.identity(), train_state,
-                               ema=ema_weights, keep=KEEP_CHECKPOINTS)
+        path = save_checkpoint(state.out_dir, state.step, weights, state.cfg, state.tokenizer, train_state,
+                               ema=ema_weights, keep=KEEP_CHECKPOINTS)  # the whole tokenizer: the folder samples alone
     dist.barrier()
     return path
 

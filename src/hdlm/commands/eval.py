@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--samples", metavar="FILE",
                      help="samples to judge: .jsonl with 'text' (and optional 'token_ids') fields, or a text "
                           "file with one sample per blank-line-separated block")
-    src.add_argument("--checkpoint", metavar="DIR", help="sample from this checkpoint first, then judge the samples")
+    src.add_argument("--checkpoint", metavar="DIR|ORG/NAME",
+                     help="sample from this checkpoint (folder or Hub id) first, then judge the samples")
     gen.add_argument("--num-samples", type=int, default=None, metavar="N",
                      help="with --checkpoint: how many samples to generate (default: the sampler's)")
     add_schedule_options(gen, "with --checkpoint: ")
@@ -87,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ppl = sub.add_parser("ppl", help="Monte-Carlo upper bound on perplexity under any hyperschedule (Alg. 1)",
                          description="Upper bound on the perplexity of a checkpoint's generative process "
                                      "(paper App. C.1, Algorithm 1), with its standard error.")
-    ppl.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint (or run) folder to evaluate")
+    ppl.add_argument("--checkpoint", required=True, metavar="DIR|ORG/NAME",
+                     help="checkpoint (or run) folder, official checkpoint or Hugging Face Hub id to evaluate")
     ppl.add_argument("--data", default="ptb:test", metavar="SPEC",
                      help="evaluation data: DATASET:SPLIT, e.g. ptb:test (default), hf:lm1b:test, or a local file")
     ppl.add_argument("--detokenize", default="auto", choices=DETOKENIZE_CHOICES,
@@ -278,32 +280,19 @@ def run_gen(args: argparse.Namespace) -> int:
 # ppl
 
 
-def _checkpoint_sha256(path) -> str | None:
-    from ..checkpoint import EMA_FILE, META_FILE, MODEL_FILE, resolve_checkpoint
-
-    folder = resolve_checkpoint(path)
-    try:
-        sha = json.loads((folder / META_FILE).read_text()).get("sha256", {})
-    except (OSError, json.JSONDecodeError):
-        return None
-    return sha.get(EMA_FILE) or sha.get(MODEL_FILE)
-
-
 def run_ppl(args: argparse.Namespace) -> int:
     """``hdlm eval ppl``: load a checkpoint and data, print a markdown table, optionally write JSON."""
     from .._version import __version__
-    from ..checkpoint import from_pretrained
     from ..data import load_split
     from ..evaluation.likelihood import perplexity_bound, resolve_data_spec
+    from ..hub import load_pretrained, weights_sha256
     from ..hyperschedule import from_config
     from ..runtime import resolve_device, setup_distributed
-    from ..tokenizers import load_tokenizer
 
     dist = setup_distributed(args.device or "auto")
     device = resolve_device(args.device, dist.local_rank if dist.active else None, name="--device")
-    model, cfg, tok_identity = from_pretrained(args.checkpoint, device=device)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    tokenizer.check_matches(tok_identity)
+    pre = load_pretrained(args.checkpoint, device=device)  # a folder, a run folder, an official checkpoint, a Hub id
+    model, cfg, tokenizer = pre.model, pre.config, pre.tokenizer
     data_cfg, split, label = resolve_data_spec(args.data, cfg.data, getattr(args, "detokenize", "auto"))
     dataset = load_split(data_cfg, split, tokenizer, cfg.model.length)
     schedule = from_config(cfg.schedule, cfg.model.length, kind=args.schedule, width=args.width, rho=args.rho,
@@ -316,7 +305,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     print(result.to_markdown(label))
     if args.json:
         record = {"command": shlex.join(sys.argv), "checkpoint": str(args.checkpoint),
-                  "checkpoint_sha256": _checkpoint_sha256(args.checkpoint), "hdlm_version": __version__,
+                  "checkpoint_sha256": weights_sha256(pre), "hdlm_version": __version__,
                   "data": label, "seed": args.seed, **result.to_dict()}
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

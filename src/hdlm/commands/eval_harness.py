@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
                        description="Run lm-evaluation-harness tasks on a checkpoint. loglikelihood is exact for "
                                    "Quench + SHIFTED (AR) and otherwise minus an estimate of the discrete upper "
                                    "bound on the NLL (the context is a settled prompt); generation uses the samplers.")
-    h.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint, run or pretrained folder")
+    h.add_argument("--checkpoint", required=True, metavar="DIR|ORG/NAME",
+                   help="checkpoint, run or pretrained folder, official checkpoint or Hugging Face Hub id")
     h.add_argument("--tasks", required=True, metavar="T1,T2",
                    help="comma-separated lm-eval task (or group) names, e.g. lambada_openai,piqa")
     h.add_argument("--include-path", default=None, metavar="DIR",

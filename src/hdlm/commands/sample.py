@@ -6,6 +6,7 @@ Examples::
     hdlm sample --checkpoint runs/owt --prompt "The city of" --schedule block --width 256 --rho 2
     hdlm sample --checkpoint runs/owt-eps --sampler acs --eta 0.01 --json --out samples.json
     hdlm sample --checkpoint runs/ptb --num-samples 1 --trace denoising.png
+    hdlm sample --checkpoint hdlm-group/hdlm-base-gamma-0.01 --num-samples 2   # a published model
 
 Unset options come from the checkpoint's config (``schedule.*`` and ``sample.*``).
 """
@@ -22,7 +23,9 @@ from . import add_schedule_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint, pretrained or run folder")
+    p.add_argument("--checkpoint", required=True, metavar="DIR|ORG/NAME",
+                   help="checkpoint, pretrained or run folder, an official checkpoint, or a Hugging Face Hub id "
+                        "(e.g. hdlm-group/hdlm-base-gamma-0.01; HF_HUB_OFFLINE=1 uses the HF cache only)")
     p.add_argument("--prompt", default=None, metavar="TEXT", help="condition on this text (settled from the start)")
     p.add_argument("--num-samples", type=int, default=None, metavar="N", help="number of samples (sample.num_samples)")
     p.add_argument("--batch-size", type=int, default=None, metavar="B", help="samples per batch (sample.batch_size)")

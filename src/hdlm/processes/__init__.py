@@ -21,11 +21,11 @@ def make_process(cfg: ProcessConfig, N: int) -> Process:
     """Build the process named by ``cfg.kind`` over N real tokens (MASK = N)."""
     noise = make_noise(cfg.noise, eps=cfg.noise_eps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
     if cfg.kind == "absorb":
-        return Absorb(N, noise)
+        return Absorb(N, noise, parametrisation=cfg.parametrisation)
     if cfg.kind == "uniform":
-        return Uniform(N, noise)
+        return Uniform(N, noise, parametrisation=cfg.parametrisation)
     if cfg.kind == "gamma":
-        return GammaHybrid(N, noise, cfg.gamma)
+        return GammaHybrid(N, noise, cfg.gamma, parametrisation=cfg.parametrisation)
     if cfg.kind == "epsilon":
         return EpsilonHybrid(N, noise, cfg.epsilon, cfg.lam)
     if cfg.kind == "mdlm":

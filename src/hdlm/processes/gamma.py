@@ -21,8 +21,10 @@ import math
 import torch
 from torch import Tensor
 
+from ..config import PARAMETRISATIONS
 from ..errors import HDLMError
 from ..noise import NoiseSchedule, Scaled
+from ..sedd_score import sedd_dwdse, sedd_log_score
 from .base import NEG_INF, Process, float_dtype, levels64, noise_like, one_hot
 from .epsilon import MDLM
 
@@ -59,18 +61,25 @@ class GammaHybrid(Process):
 
     The model's raw outputs are read as log-probabilities of the real token at position i given
     the rest *and* given that i is not masked (a SUBS-like parametrisation with exact
-    normalisation, see :meth:`log_score`).
+    normalisation, see :meth:`log_score`). With ``parametrisation = "sedd"`` they are read as
+    SEDD's / the official checkpoints' scale_by_sigma log-ratios instead (:mod:`hdlm.sedd_score`):
+    the same process, kernels and exact DWDSE, another reading of the network's output.
     """
 
     family = "score"
     kernels = ("analytic", "euler", "ar")
     default_kernel = "analytic"
 
-    def __init__(self, N: int, noise: NoiseSchedule, gamma: float):
+    def __init__(self, N: int, noise: NoiseSchedule, gamma: float, parametrisation: str = "subs"):
         super().__init__(N, noise)
         if not 0.0 <= gamma <= 1.0:
             raise HDLMError(f"gamma-hybrid: gamma = {gamma} must be in [0, 1]")
+        if parametrisation not in PARAMETRISATIONS:
+            raise HDLMError(f"gamma-hybrid: parametrisation = {parametrisation!r} must be one of "
+                            f"{', '.join(PARAMETRISATIONS)}")
         self.gamma = float(gamma)
+        # "sedd": raw outputs are SEDD / official scale_by_sigma log-ratios (hdlm.sedd_score)
+        self.parametrisation = parametrisation
 
     # ---- the evolution operator, Eq. (7g) -----------------------------------------------
 
@@ -205,8 +214,12 @@ class GammaHybrid(Process):
         at MASK, log s_z = log p_z + log(a/(1-a)) for real z (for gamma = 0 this is SEDD's
         -log(e^{sigma_bar} - 1) scaling) and log s_M = 0; at a real x, log s_z = log p_z - log p_x
         and log s_M = -inf (MASK never turns back into a real token).
+        With ``parametrisation = "sedd"`` the raw outputs are the log-ratios themselves
+        (:func:`hdlm.sedd_score.sedd_log_score`).
         """
         s = noise_like(s, x.shape, raw.dtype, raw.device)
+        if self.parametrisation == "sedd":
+            return sedd_log_score(raw, x, self.noise.sigma_bar(s), self.mask_id)
         lsm = torch.log_softmax(raw, dim=-1)
         is_mask = x == self.mask_id
         x_real = torch.where(is_mask, torch.zeros_like(x), x)
@@ -233,11 +246,17 @@ class GammaHybrid(Process):
         loss is cheap at N = 50k (its gradient, p - q-like, is exact; in float32 the value of a
         near-perfect prediction carries rounding from the sums: pass float64 raw for exact values).
         Zero where rate == 0 and at states the forward process cannot reach from y.
+        With ``parametrisation = "sedd"`` the same loss is computed from the model's log-ratios
+        (:func:`hdlm.sedd_score.sedd_dwdse`).
         """
-        dtype, device = raw.dtype, raw.device
+        s = noise_like(s, x.shape, raw.dtype, raw.device)
+        rate = noise_like(rate, x.shape, raw.dtype, raw.device)
+        loss = self._sedd_loss if self.parametrisation == "sedd" else self._subs_loss
+        return loss(raw, x, y, s, rate)
+
+    def _subs_loss(self, raw: Tensor, x: Tensor, y: Tensor, s: Tensor, rate: Tensor) -> Tensor:
+        """:meth:`diffusion_loss` from hdlm's (subs) reading of ``raw``; ``s``, ``rate`` shaped like x."""
         n = self.N
-        s = noise_like(s, x.shape, dtype, device)
-        rate = noise_like(rate, x.shape, dtype, device)
         sigma_bar, dsigma_bar = self.noise.sigma_bar(s), self.noise.dsigma_bar(s)
         b, log_same, log_other = self._real_marginal_logs(sigma_bar)
         moved = log_other > NEG_INF  # q_other > 0
@@ -278,6 +297,18 @@ class GammaHybrid(Process):
         per_token = torch.where(is_mask, coef_mask * term_mask, (self.gamma / n) * term_real)
         live = (ok_mask | ok_real) & (rate != 0)
         return torch.where(live, rate * dsigma_bar * per_token, zero)
+
+    def _sedd_loss(self, raw: Tensor, x: Tensor, y: Tensor, s: Tensor, rate: Tensor) -> Tensor:
+        """rate * DWDSE from SEDD-parametrised outputs, zero where the state is unreachable or rate == 0."""
+        moved = self._real_marginal_logs(self.noise.sigma_bar(s))[2] > NEG_INF  # q_other > 0
+        is_mask = x == self.mask_id
+        live = (rate != 0) & (s > 0) & (~is_mask & ((x == y) | moved) | is_mask & ((1.0 - self.gamma) * s > 0))
+        safe_s = torch.where(live, s, torch.full_like(s, 0.5))  # keeps log(e^σ̄ − 1) finite off the live cells
+        sigma_bar = self.noise.sigma_bar(safe_s)
+        log_real = sedd_log_score(raw, x, sigma_bar, self.mask_id)[..., : self.N]
+        per_token = sedd_dwdse(log_real, x, y, sigma_bar, self.gamma)
+        zero = torch.zeros_like(per_token)
+        return torch.where(live, rate * self.noise.dsigma_bar(safe_s) * per_token, zero)
 
     # ---- sampler maths (SEDD's Tweedie tau-leaping and Euler) ---------------------------
 
@@ -346,12 +377,12 @@ class GammaHybrid(Process):
 class Absorb(GammaHybrid):
     """SEDD's absorbing process (gamma = 0)."""
 
-    def __init__(self, N: int, noise: NoiseSchedule):
-        super().__init__(N, noise, gamma=0.0)
+    def __init__(self, N: int, noise: NoiseSchedule, parametrisation: str = "subs"):
+        super().__init__(N, noise, gamma=0.0, parametrisation=parametrisation)
 
 
 class Uniform(GammaHybrid):
     """SEDD's uniform process over the N real tokens (gamma = 1)."""
 
-    def __init__(self, N: int, noise: NoiseSchedule):
-        super().__init__(N, noise, gamma=1.0)
+    def __init__(self, N: int, noise: NoiseSchedule, parametrisation: str = "subs"):
+        super().__init__(N, noise, gamma=1.0, parametrisation=parametrisation)

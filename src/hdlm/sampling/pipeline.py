@@ -1,11 +1,12 @@
 """A pipeline object for users who only want to sample (GIDD-style; DESIGN.md §10).
 
-    pipe = HDLMPipeline.from_pretrained("runs/owt/step-00100000")
+    pipe = HDLMPipeline.from_pretrained("runs/owt/step-00100000")   # or "hdlm-group/hdlm-base-gamma-0.01"
     texts = pipe.generate(4, prompt="The meaning of life is", schedule="block", rho=2, seed=0)
+    pipe.save_pretrained("export/owt")                              # a folder that samples anywhere
 
 The checkpoint's config supplies the model, the process, the hyperschedule (overridable per
-call: kind, width, ρ, steps) and the sampling defaults (``config.sample``); its tokenizer
-identity is checked against the tokenizer loaded by name.
+call: kind, width, ρ, steps) and the sampling defaults (``config.sample``); the tokenizer is the
+one saved in the folder (checked against its identity).
 """
 
 from __future__ import annotations
@@ -46,16 +47,28 @@ class HDLMPipeline:
         self.process = make_process(config.process, model.n_real)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: Any = None) -> "HDLMPipeline":
-        """Load a pretrained / checkpoint / run folder (EMA weights when present)."""
-        from ..checkpoint import from_pretrained
-        from ..tokenizers import load_tokenizer
+    def from_pretrained(cls, path: str | Path, device: Any = None, **hub: Any) -> "HDLMPipeline":
+        """Load a pretrained / checkpoint / run folder (EMA weights when present), an official
+        checkpoint, or a Hugging Face Hub id (``hub``: revision, local_files_only, cache_dir);
+        see :func:`hdlm.hub.load_pretrained`. The tokenizer comes from the folder itself."""
+        from ..hub import load_pretrained
 
         dev = resolve_device(device)
-        model, cfg, identity = from_pretrained(path, device=dev)
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-        tokenizer.check_matches(identity)
-        return cls(model, cfg, tokenizer, dev)
+        pre = load_pretrained(path, device=dev, **hub)
+        return cls(pre.model, pre.config, pre.tokenizer, dev)
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write the Hub-native folder (config.json, model.safetensors, the whole tokenizer) that
+        :meth:`from_pretrained` reads anywhere, with no other file."""
+        from ..hub import save_pretrained
+
+        return save_pretrained(self.model, self.config, self.tokenizer, out_dir)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """:meth:`save_pretrained` into a temporary folder and upload it (``token``, ``private``, ...)."""
+        from ..hub import push_pretrained
+
+        return push_pretrained(self.model, self.config, self.tokenizer, repo_id, **kwargs)
 
     @property
     def length(self) -> int:
