@@ -175,7 +175,8 @@ def converted_arm(args, st: Stages, judge) -> dict:
     preset = f"smollm2-ptb-{args.schedule}"
     over = {"model.length": args.length, "train.batch_size": args.batch, "train.steps": args.steps,
             "train.eval_every": args.eval_every, "train.eval_batches": args.eval_batches,
-            "train.save_every": max(args.eval_every, args.steps // 3),  # 135M + AdamW: ~2 GB per save "train.log_every": 1, "train.warmup": min(5, args.steps),
+            "train.save_every": max(args.eval_every, args.steps // 3),  # 135M + AdamW: ~2 GB per save
+            "train.log_every": 1, "train.warmup": min(5, args.steps),
             "data.cache_dir": args.cache_dir, "sample.num_samples": args.samples, "sample.batch_size": args.samples}
     folder = args.out / "converted"
     if not (folder / "meta.json").is_file():
