@@ -222,6 +222,8 @@ class TrainConfig(_Section):
     weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0, le=10.0)
     betas: list[float] = _f([0.9, 0.98], "AdamW betas: two numbers in [0, 1)")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0 = off)", ge=0.0, le=1e6)
+    max_nonfinite_skips: int = _f(0, "steps with a non-finite loss or gradient norm to skip (not applied) "
+                                     "before the run stops with an error", ge=0)
     ema: float = _f(0.0, "EMA decay of the weights (0 = off)", ge=0.0, le=1.0)
     seed: int = _f(0, "seed of every random draw of the run", ge=0)
     device: str = _f("auto", "auto | cpu | cuda | cuda:K")
