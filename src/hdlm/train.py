@@ -31,16 +31,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import Checkpoint, list_checkpoints, load_checkpoint, load_weights, save_checkpoint
+from .checkpoint import Checkpoint, load_weights, save_checkpoint
 from .config import Config, TrainConfig
 from .data import BatchIterator, load_split
 from .errors import HDLMError
 from .faults import crash_point
+from .resume import restore, resume_changes, resume_point
 from .backbone import build_model
 from .hub import init_checkpoint
 from .objective import Objective, build_objective
-from .optim import EMA, full_optimizer_state, full_weights, load_optimizer_state, make_optimizer, no_sync, wrap_model
-from .runtime import (Dist, Stream, autocast, mix_seed, resolve_device, rng_state, seed_everything, set_rng_state,
+from .optim import EMA, full_optimizer_state, full_weights, make_optimizer, no_sync, wrap_model
+from .runtime import (Dist, Stream, autocast, mix_seed, resolve_device, rng_state, seed_everything,
                       setup_distributed, small_seed)
 from .tokenizers import load_tokenizer
 
@@ -175,23 +176,6 @@ class TrainState:
         return self.elapsed0 + time.perf_counter() - self.t0
 
 
-def _resume_point(cfg: Config, resume: str | None, tokenizer) -> tuple[Checkpoint | None, Config, Path]:
-    """The checkpoint to continue (and its run folder), or None for a fresh run; refuses to mix runs."""
-    out_dir = Path(cfg.train.out_dir)
-    if not resume:
-        if list_checkpoints(out_dir):
-            raise HDLMError(f"run folder {out_dir} already holds checkpoints: continue it with --resume {out_dir}, "
-                            f"or choose another --out")
-        return None, cfg, out_dir
-    ckpt = load_checkpoint(resume)
-    tokenizer.check_matches(ckpt.tokenizer)
-    if ckpt.step >= cfg.train.steps:
-        raise HDLMError(f"checkpoint {ckpt.path} is at step {ckpt.step} >= train.steps = {cfg.train.steps}: "
-                        f"nothing to do (raise train.steps to continue)")
-    out_dir = ckpt.path.parent  # continue in the run folder that holds the checkpoint
-    return ckpt, cfg.replace({"train.out_dir": str(out_dir)}), out_dir
-
-
 def _build_model(cfg: Config, ckpt: Checkpoint | None, tokenizer, dist: Dist,
                  device: torch.device) -> tuple[nn.Module, nn.Module, EMA | None]:
     """The model (identical init on every rank), its weights (resumed, or Stage 2's init_from), the
@@ -213,23 +197,6 @@ def _build_model(cfg: Config, ckpt: Checkpoint | None, tokenizer, dist: Dist,
     return model, net, ema
 
 
-def _restore(state: TrainState, saved: dict) -> None:
-    """Continue exactly where a checkpoint left off: optimizer, LR schedule, data position, RNG."""
-    tc, dist = state.cfg.train, state.dist
-    load_optimizer_state(state.model, state.opt, saved["optimizer"])
-    state.sched.load_state_dict(saved["scheduler"])
-    if saved.get("world_size") == dist.world:
-        state.batches.load_state_dict(saved["data"][dist.rank])
-        set_rng_state(saved["rng"][dist.rank])
-        return
-    # data positions count global-batch entries, so they hold for any number of processes
-    state.batches.load_state_dict(saved["data"][0])
-    seed_everything(mix_seed(tc.seed, Stream.TORCH, state.step, dist.rank))
-    if dist.main:
-        print(f"hdlm train: resuming a {saved.get('world_size')}-process checkpoint on {dist.world} processes: "
-              f"same data order, but dropout draws differ from an uninterrupted run", flush=True)
-
-
 def setup(cfg: Config, resume: str | None = None, dist: Dist | None = None) -> TrainState:
     """Everything a run needs, validated before the first step; resumed exactly from ``resume``."""
     dist = dist or Dist()
@@ -241,7 +208,7 @@ def setup(cfg: Config, resume: str | None = None, dist: Dist | None = None) -> T
     micro = micro_batch_size(tc, dist.world)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     cfg = resolve_vocab(cfg, tokenizer.vocab_size)
-    ckpt, cfg, out_dir = _resume_point(cfg, resume, tokenizer)
+    ckpt, cfg, out_dir = resume_point(cfg, resume, tokenizer)
     model, net, ema = _build_model(cfg, ckpt, tokenizer, dist, device)
     opt, sched = make_optimizer(model, tc)
     d = cfg.model.length
@@ -259,7 +226,11 @@ def setup(cfg: Config, resume: str | None = None, dist: Dist | None = None) -> T
                        elapsed0=float(saved.get("elapsed", 0.0)), checkpoint=ckpt.path if ckpt else None,
                        window=dict(saved.get("window", {})), nonfinite_skips=int(saved.get("nonfinite_skips", 0)))
     if ckpt is not None:
-        _restore(state, saved)
+        restore(state, saved)
+        changed = {k: v for k, v in resume_changes(ckpt.config, cfg).items() if k != "train.out_dir"}
+        if changed and dist.main:
+            print("hdlm train: resuming with " + ", ".join(f"{k} = {new!r} (was {old!r})"
+                                                        for k, (old, new) in changed.items()), flush=True)
     else:
         seed_everything(mix_seed(tc.seed, Stream.TORCH, dist.rank))  # dropout differs across ranks
     return state
