@@ -26,6 +26,8 @@ def resume_point(cfg: Config, resume: str | None, tokenizer) -> tuple[Checkpoint
     """The checkpoint to continue (and its run folder), or None for a fresh run; refuses to mix runs."""
     out_dir = Path(cfg.train.out_dir)
     if not resume:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise HDLMError(f"run folder {out_dir} is an existing file: choose another --out (train.out_dir)")
         if list_checkpoints(out_dir):
             raise HDLMError(f"run folder {out_dir} already holds checkpoints: continue it with --resume {out_dir}, "
                             f"or choose another --out")
