@@ -292,3 +292,26 @@ def test_bad_input_in_a_real_process(root, line, expected):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# item 10: overrides anywhere on the line; item 8: one schedule-merge rule for eval ppl and sample
+
+
+def test_overrides_are_accepted_anywhere_on_the_command_line():
+    from hdlm.cli import _parse, build_parser
+
+    args = _parse(build_parser(), ["train", "train.lr=1e-3", "--out", "x", "train.steps=3", "--steps", "4",
+                                   "model.hidden=64"])
+    assert args.overrides == ["train.lr=1e-3", "train.steps=3", "model.hidden=64"] and args.out == "x"
+    assert args.steps == 4
+
+
+def test_schedule_slide_on_a_block_checkpoint_keeps_omega_in_eval_and_sample(root):
+    from hdlm.hyperschedule import from_config
+
+    pipe = _pipeline(root)
+    assert pipe.config.schedule.kind == "block" and pipe.config.schedule.width == 4
+    bound_schedule = from_config(pipe.config.schedule, pipe.config.model.length, kind="slide")  # what eval ppl uses
+    sampled = pipe.generate_ids(1, schedule="slide", seed=0, progress=False).hyperschedule
+    assert bound_schedule.kind == sampled.kind == "slide" and bound_schedule.width == sampled.width == 4
