@@ -28,13 +28,12 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -43,9 +42,11 @@ from torch import Tensor, nn
 from ._version import __version__
 from .config import Config
 from .errors import HDLMError
+from .faults import crash_point
+from .run_folder import (LATEST, META_FILE, TMP_PREFIX, _clean_temporaries, _fsync_dir, _prune, _write_file,  # noqa: F401
+                         _write_latest, list_checkpoints, read_latest, step_dir_name)
 from .runtime import from_weights_only, to_weights_only
 
-LATEST = "latest"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -53,9 +54,6 @@ HUB_CONFIG_FILE = "config.json"
 HUB_FORMAT = 1  # the "hdlm_format" of config.json
 TOKENIZER_FILE = "tokenizer.json"
 STATE_FILE = "state.pt"
-META_FILE = "meta.json"
-TMP_PREFIX = ".tmp-"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
@@ -112,27 +110,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
-    """Write through ``write(f)`` then flush and fsync, so a rename after it publishes real bytes."""
-    with open(path, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _save_safetensors(path: Path, state: dict[str, Tensor]) -> None:
     from safetensors.torch import save
 
@@ -154,20 +131,6 @@ def _one_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders of a run (a ``meta.json`` is written last), oldest first."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
-             if p.is_dir() and (m := _STEP_DIR.match(p.name)) and (p / META_FILE).exists()]
-    return [p for _, p in sorted(found)]
-
-
 # --------------------------------------------------------------------------------------------
 # writing
 
@@ -176,6 +139,7 @@ def _write_folder(folder: Path, weights: dict[str, Tensor], cfg: Config, tokeniz
                   ema: dict[str, Tensor] | None, state: dict | None, step: int) -> None:
     """Fill ``folder`` (a fresh temporary folder); meta.json, holding the hashes, comes last."""
     _save_safetensors(folder / MODEL_FILE, weights)
+    crash_point(f"write-{step}")
     if ema is not None:
         _save_safetensors(folder / EMA_FILE, ema)
     _write_file(folder / CONFIG_FILE, lambda f: f.write(cfg.to_yaml()), binary=False)
@@ -221,38 +185,6 @@ def _write_atomically(final: Path, *folder_args: Any) -> None:
         raise
 
 
-def _write_latest(run_dir: Path, name: str) -> None:
-    tmp = run_dir / f"{TMP_PREFIX}{LATEST}-{uuid.uuid4().hex[:8]}"
-    _write_file(tmp, lambda f: f.write(name + "\n"), binary=False)
-    os.replace(tmp, run_dir / LATEST)
-    _fsync_dir(run_dir)
-
-
-def _clean_temporaries(run_dir: Path) -> None:
-    """Remove what an interrupted save left behind (only this library's ``.tmp-`` names)."""
-    for p in run_dir.glob(f"{TMP_PREFIX}*"):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-
-
-def _prune(run_dir: Path, keep: int) -> None:
-    latest = read_latest(run_dir)
-    ckpts = list_checkpoints(run_dir)
-    for p in ckpts[:-keep] if keep > 0 else []:
-        if latest is None or p.resolve() != latest.resolve():
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def read_latest(run_dir: str | Path) -> Path | None:
-    f = Path(run_dir) / LATEST
-    if not f.is_file():
-        return None
-    name = f.read_text().strip()
-    return Path(run_dir) / name if name else None
-
-
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str, Tensor], cfg: Config,
                     tokenizer_identity: Any, train_state: dict, *, ema: dict[str, Tensor] | None = None,
                     keep: int = 2) -> Path:
@@ -272,7 +204,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str,
     final = run_dir / step_dir_name(step)
     _write_atomically(final, weights, cfg, tokenizer_identity, ema, dict(train_state, step=int(step)), step)
     _write_latest(run_dir, final.name)
-    _prune(run_dir, keep)
+    _prune(run_dir, keep, step)
     return final
 
 

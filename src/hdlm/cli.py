@@ -25,8 +25,26 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (the subcommands' parsers are of this class too)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; KEY=VALUE overrides are accepted anywhere on the line, also between options."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hdlm",
         description="Hybrid diffusion language models: hyperschedules, gamma/epsilon-hybrid processes, "
         "KV-cached samplers and the paper's evaluation.",
@@ -43,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     args._argv = ["hdlm", *(sys.argv[1:] if argv is None else argv)]  # recorded in reports for reproduction
     if not getattr(args, "_run", None):
         parser.print_help()

@@ -222,6 +222,8 @@ class TrainConfig(_Section):
     weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0, le=10.0)
     betas: list[float] = _f([0.9, 0.98], "AdamW betas: two numbers in [0, 1)")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0 = off)", ge=0.0, le=1e6)
+    max_nonfinite_skips: int = _f(0, "steps with a non-finite loss or gradient norm to skip (not applied) "
+                                     "before the run stops with an error", ge=0)
     ema: float = _f(0.0, "EMA decay of the weights (0 = off)", ge=0.0, le=1.0)
     seed: int = _f(0, "seed of every random draw of the run", ge=0)
     device: str = _f("auto", "auto | cpu | cuda | cuda:K")
@@ -451,14 +453,20 @@ def _read_yaml(preset_or_path: str) -> dict:
     path = Path(preset_or_path)
     if not path.suffix:
         path = PRESET_DIR / f"{preset_or_path}.yaml"
+        if not path.exists() and Path(preset_or_path).is_dir():
+            raise HDLMError(f"config file '{preset_or_path}' is a folder, expected a YAML file or a preset name")
         if not path.exists():
             raise HDLMError(f"config preset '{preset_or_path}' not found (presets: {', '.join(list_presets())})")
     elif not path.exists():
         raise HDLMError(f"config file '{preset_or_path}' not found")
+    if path.is_dir():
+        raise HDLMError(f"config file '{path}' is a folder, expected a YAML file")
     try:
-        d = yaml.safe_load(path.read_text()) or {}
+        d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise HDLMError(f"config file '{path}': not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise HDLMError(f"config file '{path}' is not UTF-8 text (byte {e.start}): expected YAML") from None
     if not isinstance(d, dict):
         raise HDLMError(f"config file '{path}': expected a mapping of sections, got {type(d).__name__}")
     if "base" in d:  # a preset may extend another one

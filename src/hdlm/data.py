@@ -79,10 +79,19 @@ def _read_txt(path: Path, text_field: str) -> Iterator[str]:
         yield from nonempty_lines(f)
 
 
+def _utf8_lines(path: Path, f) -> Iterator[tuple[int, str]]:
+    lineno = 0
+    try:
+        for lineno, line in enumerate(f, 1):
+            yield lineno, line
+    except UnicodeDecodeError as e:
+        raise HDLMError(f"{path}:{lineno + 1}: not UTF-8 text (byte {e.start} of a read block)") from None
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for every non-empty line of a JSONL file; one clear error for a bad line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for lineno, line in _utf8_lines(path, f):
             if not line.strip():
                 continue
             try:
@@ -110,6 +119,18 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
                         f"set data.text_field)")
     for batch in pf.iter_batches(columns=[text_field], batch_size=_BATCH_DOCS):
         yield from (str(t) for t in batch.column(0).to_pylist() if t is not None)
+
+
+def _readable(path: Path, docs: Iterator[str]) -> Iterator[str]:
+    """``docs`` with a binary or corrupt file reported as one line naming ``path``."""
+    try:
+        yield from docs
+    except HDLMError:
+        raise
+    except UnicodeDecodeError as e:
+        raise HDLMError(f"data file '{path}' is not UTF-8 text (byte {e.start})") from None
+    except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid / ArrowIOError for a file that is not parquet
+        raise HDLMError(f"data file '{path}' cannot be read ({str(e).strip().splitlines()[0][:200]})") from None
 
 
 _READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
@@ -194,7 +215,7 @@ class Source:
             path = self.path(split)
             if not path.is_file():
                 raise HDLMError(f"data file '{path}' not found")
-            return _READERS[path.suffix](path, self.text_field), None
+            return _readable(path, _READERS[path.suffix](path, self.text_field)), None
         ds = _hf_split(self._hf_splits(), split, self.holdout, self.target)
         if self.text_field not in ds.column_names:
             raise HDLMError(f"dataset {self.target} has no column '{self.text_field}' "

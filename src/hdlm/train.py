@@ -23,6 +23,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,15 +31,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import Checkpoint, list_checkpoints, load_checkpoint, load_weights, save_checkpoint
+from .checkpoint import Checkpoint, load_weights, save_checkpoint
 from .config import Config, TrainConfig
 from .data import BatchIterator, load_split
 from .errors import HDLMError
+from .faults import crash_point
+from .resume import restore, resume_changes, resume_point
 from .backbone import build_model
 from .hub import init_checkpoint
 from .objective import Objective, build_objective
-from .optim import EMA, full_optimizer_state, full_weights, load_optimizer_state, make_optimizer, no_sync, wrap_model
-from .runtime import (Dist, Stream, autocast, mix_seed, resolve_device, rng_state, seed_everything, set_rng_state,
+from .optim import EMA, full_optimizer_state, full_weights, make_optimizer, no_sync, wrap_model
+from .runtime import (Dist, Stream, autocast, mix_seed, resolve_device, rng_state, seed_everything,
                       setup_distributed, small_seed)
 from .tokenizers import load_tokenizer
 
@@ -163,6 +166,7 @@ class TrainState:
     last_train: dict = field(default_factory=dict)
     last_valid: dict = field(default_factory=dict)
     checkpoint: Path | None = None
+    nonfinite_skips: int = 0  # steps skipped for a non-finite loss or gradient norm (train.max_nonfinite_skips)
 
     @property
     def micro(self) -> int:
@@ -170,23 +174,6 @@ class TrainState:
 
     def elapsed(self) -> float:
         return self.elapsed0 + time.perf_counter() - self.t0
-
-
-def _resume_point(cfg: Config, resume: str | None, tokenizer) -> tuple[Checkpoint | None, Config, Path]:
-    """The checkpoint to continue (and its run folder), or None for a fresh run; refuses to mix runs."""
-    out_dir = Path(cfg.train.out_dir)
-    if not resume:
-        if list_checkpoints(out_dir):
-            raise HDLMError(f"run folder {out_dir} already holds checkpoints: continue it with --resume {out_dir}, "
-                            f"or choose another --out")
-        return None, cfg, out_dir
-    ckpt = load_checkpoint(resume)
-    tokenizer.check_matches(ckpt.tokenizer)
-    if ckpt.step >= cfg.train.steps:
-        raise HDLMError(f"checkpoint {ckpt.path} is at step {ckpt.step} >= train.steps = {cfg.train.steps}: "
-                        f"nothing to do (raise train.steps to continue)")
-    out_dir = ckpt.path.parent  # continue in the run folder that holds the checkpoint
-    return ckpt, cfg.replace({"train.out_dir": str(out_dir)}), out_dir
 
 
 def _build_model(cfg: Config, ckpt: Checkpoint | None, tokenizer, dist: Dist,
@@ -210,23 +197,6 @@ def _build_model(cfg: Config, ckpt: Checkpoint | None, tokenizer, dist: Dist,
     return model, net, ema
 
 
-def _restore(state: TrainState, saved: dict) -> None:
-    """Continue exactly where a checkpoint left off: optimizer, LR schedule, data position, RNG."""
-    tc, dist = state.cfg.train, state.dist
-    load_optimizer_state(state.model, state.opt, saved["optimizer"])
-    state.sched.load_state_dict(saved["scheduler"])
-    if saved.get("world_size") == dist.world:
-        state.batches.load_state_dict(saved["data"][dist.rank])
-        set_rng_state(saved["rng"][dist.rank])
-        return
-    # data positions count global-batch entries, so they hold for any number of processes
-    state.batches.load_state_dict(saved["data"][0])
-    seed_everything(mix_seed(tc.seed, Stream.TORCH, state.step, dist.rank))
-    if dist.main:
-        print(f"hdlm train: resuming a {saved.get('world_size')}-process checkpoint on {dist.world} processes: "
-              f"same data order, but dropout draws differ from an uninterrupted run", flush=True)
-
-
 def setup(cfg: Config, resume: str | None = None, dist: Dist | None = None) -> TrainState:
     """Everything a run needs, validated before the first step; resumed exactly from ``resume``."""
     dist = dist or Dist()
@@ -238,7 +208,7 @@ def setup(cfg: Config, resume: str | None = None, dist: Dist | None = None) -> T
     micro = micro_batch_size(tc, dist.world)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     cfg = resolve_vocab(cfg, tokenizer.vocab_size)
-    ckpt, cfg, out_dir = _resume_point(cfg, resume, tokenizer)
+    ckpt, cfg, out_dir = resume_point(cfg, resume, tokenizer)
     model, net, ema = _build_model(cfg, ckpt, tokenizer, dist, device)
     opt, sched = make_optimizer(model, tc)
     d = cfg.model.length
@@ -253,9 +223,14 @@ def setup(cfg: Config, resume: str | None = None, dist: Dist | None = None) -> T
                        valid_batches=[next(valid).to(device) for _ in range(tc.eval_batches)],
                        metrics=Metrics(out_dir, saved.get("metrics", []), write=dist.main, cfg=cfg), out_dir=out_dir,
                        step=ckpt.step if ckpt else 0, start=ckpt.step if ckpt else 0,
-                       elapsed0=float(saved.get("elapsed", 0.0)))
+                       elapsed0=float(saved.get("elapsed", 0.0)), checkpoint=ckpt.path if ckpt else None,
+                       window=dict(saved.get("window", {})), nonfinite_skips=int(saved.get("nonfinite_skips", 0)))
     if ckpt is not None:
-        _restore(state, saved)
+        restore(state, saved)
+        changed = {k: v for k, v in resume_changes(ckpt.config, cfg).items() if k != "train.out_dir"}
+        if changed and dist.main:
+            print("hdlm train: resuming with " + ", ".join(f"{k} = {new!r} (was {old!r})"
+                                                        for k, (old, new) in changed.items()), flush=True)
     else:
         seed_everything(mix_seed(tc.seed, Stream.TORCH, dist.rank))  # dropout differs across ranks
     return state
@@ -280,16 +255,45 @@ def train_step(state: TrainState, y: Tensor) -> dict:
             (loss / tc.grad_accum).backward()
         for k, v in dict(stats, loss=loss.item()).items():
             out[k] = out.get(k, 0.0) + float(v) / tc.grad_accum
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(),
+                                                     tc.grad_clip if tc.grad_clip > 0 else math.inf))
     out["lr"] = state.opt.param_groups[0]["lr"]
+    if _nonfinite(state, out["loss"], grad_norm):
+        _skip_step(state, out["loss"], grad_norm)
+        return {}
     state.opt.step()
     state.sched.step()
     state.opt.zero_grad(set_to_none=True)
     if state.ema is not None:
         state.ema.update()
     state.step += 1
-    out["grad_norm"] = float(grad_norm)
+    out["grad_norm"] = grad_norm
     return out
+
+
+def _nonfinite(state: TrainState, loss: float, grad_norm: float) -> bool:
+    """Whether this step's loss or gradient norm is nan/inf on any rank (a collective when distributed)."""
+    bad = float(not (math.isfinite(loss) and math.isfinite(grad_norm)))
+    return state.dist.mean([bad], state.device)[0] > 0
+
+
+def _skip_step(state: TrainState, loss: float, grad_norm: float) -> None:
+    """Drop a non-finite step (no update; data, LR schedule and step count move on), or stop the run
+    with one line once more than ``train.max_nonfinite_skips`` steps were dropped."""
+    state.opt.zero_grad(set_to_none=True)
+    state.nonfinite_skips += 1
+    limit = state.cfg.train.max_nonfinite_skips
+    what = f"step {state.step + 1}: non-finite loss {loss} (gradient norm {grad_norm})"
+    if state.nonfinite_skips > limit:
+        kept = f"the last finite checkpoint is {state.checkpoint}" if state.checkpoint else "no checkpoint was written"
+        raise HDLMError(f"{what}; stopped after {state.nonfinite_skips - 1} skipped step(s) "
+                        f"(train.max_nonfinite_skips = {limit}); {kept}; lower train.lr or raise the skip limit")
+    if state.dist.main:
+        print(f"hdlm train: {what}: skipped ({state.nonfinite_skips} of at most {limit})", flush=True)
+    with warnings.catch_warnings():  # no optimizer step on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        state.sched.step()
+    state.step += 1
 
 
 @torch.no_grad()
@@ -315,6 +319,7 @@ def save(state: TrainState) -> Path | None:
     """A crash-safe checkpoint with the full training state (a collective: call it on every rank)."""
     net, ema, dist = state.net, state.ema, state.dist
     weights = full_weights(net)
+    _check_finite(weights, state)
     ema_weights = None
     if ema is not None:
         with ema.swapped():
@@ -324,6 +329,7 @@ def save(state: TrainState) -> Path | None:
         "ema": {"decay": ema.decay} if ema is not None else None,
         "rng": dist.gather(rng_state()), "data": dist.gather(state.batches.state_dict()),
         "metrics": state.metrics.rows, "elapsed": state.elapsed(), "world_size": dist.world,
+        "window": state.window, "nonfinite_skips": state.nonfinite_skips,  # a resumed run logs the same rows
     }
     path = None
     if dist.main:
@@ -331,6 +337,15 @@ def save(state: TrainState) -> Path | None:
                                ema=ema_weights, keep=KEEP_CHECKPOINTS)  # the whole tokenizer: the folder samples alone
     dist.barrier()
     return path
+
+
+def _check_finite(weights: dict[str, Tensor], state: TrainState) -> None:
+    """Refuse to write a checkpoint whose weights hold nan/inf (the last finite one stays the latest)."""
+    bad = next((k for k, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        kept = f"the last finite checkpoint is {state.checkpoint}" if state.checkpoint else "no checkpoint was written"
+        raise HDLMError(f"step {state.step}: weight {bad} is not finite, checkpoint not written; {kept}; "
+                        f"lower train.lr")
 
 
 def _train_row(state: TrainState) -> dict:
@@ -380,13 +395,25 @@ def _loop(state: TrainState, stop_after: int | None) -> dict:
 
     tc, show = state.cfg.train, state.dist.main
     bar = tqdm(total=tc.steps, initial=state.step, unit="step", disable=None if show else True, dynamic_ncols=True)
+    try:
+        return _steps(state, stop_after, bar)
+    finally:
+        bar.close()
+        state.metrics.close()
+
+
+def _steps(state: TrainState, stop_after: int | None, bar) -> dict:
+    tc, show = state.cfg.train, state.dist.main
     say = print if bar.disable else bar.write
     state.net.train()
     while state.step < tc.steps:
-        _accumulate(state.window, train_step(state, next(state.batches).to(state.device)))
+        metrics = train_step(state, next(state.batches).to(state.device))
+        if metrics:  # {} for a skipped non-finite step
+            _accumulate(state.window, metrics)
         bar.update(1)
+        crash_point(f"step-{state.step}")
         final = state.step == tc.steps
-        if state.step % tc.log_every == 0 or final:
+        if (state.step % tc.log_every == 0 or final) and state.window:
             row = _train_row(state)
             state.metrics.log(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -400,11 +427,8 @@ def _loop(state: TrainState, stop_after: int | None) -> dict:
         if state.step % tc.save_every == 0 or final:
             state.checkpoint = save(state)
         if stop_after is not None and state.step - state.start >= stop_after and not final:
-            bar.close()
-            state.metrics.close()
             return _summary(state, stopped=True)
     bar.close()
-    state.metrics.close()
     _finish(state)
     return _summary(state, stopped=False)
 

@@ -29,7 +29,7 @@ from typing import Any
 from ..config import ESTIMATORS, VARIATIONAL_CHAINS
 from ..errors import HDLMError
 from ..evaluation.datasets import DETOKENIZE_CHOICES  # no torch there: --help stays light
-from . import add_schedule_options
+from . import add_schedule_options, check_at_least, check_judge, check_output_path
 
 DEFAULT_CACHE = ".hdlm_cache"
 DEFAULT_REFERENCE = "ptb:test"
@@ -140,7 +140,10 @@ def read_samples(path: str | Path) -> list[dict]:
                 raise HDLMError(f"{path}:{n}: 'token_ids' must be a list of integers")
             records.append({"text": obj["text"], "token_ids": ids})
     else:
-        blocks = re.split(r"\n[ \t]*\n", path.read_text(encoding="utf-8"))
+        try:
+            blocks = re.split(r"\n[ \t]*\n", path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise HDLMError(f"samples file '{path}' is not UTF-8 text (byte {e.start})") from None
         records = [{"text": b.strip("\n"), "token_ids": None} for b in blocks if b.strip()]
     if not records:
         raise HDLMError(f"samples file '{path}' holds no samples")
@@ -225,8 +228,13 @@ def run_gen(args: argparse.Namespace) -> int:
     from ..evaluation.judge import load_judge
     from ..evaluation.quality import generative_perplexity, mauve_score, token_entropy
 
-    if args.batch_size < 1:
-        raise HDLMError(f"--batch-size {args.batch_size}: must be >= 1")
+    for value, flag, low in ((args.batch_size, "--batch-size", 1), (args.num_samples, "--num-samples", 1),
+                             (args.seed, "--seed", 0), (args.num_buckets, "--num-buckets", 2),
+                             (args.max_length, "--max-length", 1)):
+        check_at_least(value, flag, low)
+    for path, flag in ((args.json, "--json"), (args.markdown, "--markdown"), (args.save_samples, "--save-samples")):
+        check_output_path(path, flag)
+    check_judge(args.judge)
     if args.samples:
         records = read_samples(args.samples)
     else:
@@ -289,6 +297,10 @@ def run_ppl(args: argparse.Namespace) -> int:
     from ..hyperschedule import from_config
     from ..runtime import resolve_device, setup_distributed
 
+    for value, flag, low in ((args.batch_size, "--batch-size", 1), (args.mc_samples, "--mc-samples", 1),
+                             (args.seed, "--seed", 0)):
+        check_at_least(value, flag, low)
+    check_output_path(args.json, "--json")
     dist = setup_distributed(args.device or "auto")
     device = resolve_device(args.device, dist.local_rank if dist.active else None, name="--device")
     pre = load_pretrained(args.checkpoint, device=device)  # a folder, a run folder, an official checkpoint, a Hub id
@@ -302,6 +314,9 @@ def run_ppl(args: argparse.Namespace) -> int:
                               progress=True, variational=args.variational, stratified=not args.no_stratify)
     if not dist.main:
         return 0
+    if args.estimator == "continuous" and schedule.levels == 1:
+        print("hdlm eval: note: under a quench (AR) hyperschedule the continuous estimator is the exact "
+              "autoregressive NLL, not a bound", file=sys.stderr)
     print(result.to_markdown(label))
     if args.json:
         record = {"command": shlex.join(sys.argv), "checkpoint": str(args.checkpoint),

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from .._version import __version__
-from . import add_config_help
+from ..errors import HDLMError
+from . import add_config_help, check_at_least, check_judge, check_output_folder
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -101,6 +102,15 @@ def run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..experiment import ExperimentPlan, SampleSetting, run_experiment
 
+    for value, flag, low in ((args.num_samples, "--num-samples", 1), (args.mc_samples, "--mc-samples", 1),
+                             (args.eval_sequences, "--eval-sequences", 1), (args.seed, "--seed", 0),
+                             (args.steps, "--steps", 1)):
+        check_at_least(value, flag, low)
+    if args.rho <= 0:
+        raise HDLMError(f"--rho {args.rho}: must be > 0")
+    check_output_folder(args.out, "--out")
+    if args.judge.lower() != "none":
+        check_judge(args.judge)
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")

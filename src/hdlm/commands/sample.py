@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..config import DRAW_METHODS, SAMPLER_NAMES
 from ..errors import HDLMError
-from . import add_schedule_options
+from . import add_schedule_options, check_at_least, check_output_path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,6 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..sampling.pipeline import HDLMPipeline
 
+    for value, flag, low in ((args.num_samples, "--num-samples", 1), (args.batch_size, "--batch-size", 1),
+                             (args.seed, "--seed", 0), (args.top_k, "--top-k", 0)):
+        check_at_least(value, flag, low)
+    check_output_path(args.out, "--out")
+    check_output_path(args.trace, "--trace")
     pipe = HDLMPipeline.from_pretrained(args.checkpoint, device=args.device)
     result = pipe.generate_ids(
         args.num_samples, args.prompt, schedule=args.schedule, width=args.width, rho=args.rho, steps=args.steps,
@@ -80,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         out = "\n\n".join(f"=== sample {k} ===\n{t}" for k, t in enumerate(texts))
     if args.out:
         try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             with open(args.out, "w", encoding="utf-8") as f:
                 f.write(out + "\n")
         except OSError as e:

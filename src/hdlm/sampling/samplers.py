@@ -371,6 +371,9 @@ def make_sampler(name: str, process, *, hyperschedule=None, eta: float = 0.01, t
                             f"{type(process).__name__} is '{family}': use {', '.join(process.kernels)}")
         return AncestralSampler(process, categorical, eta=eta if name == "acs" else 0.0)
     if name == "ar":
+        if hyperschedule is not None and hyperschedule.levels > 1:
+            raise HDLMError(f"sampler 'ar' draws from the scores as logits: it needs a quench (AR) hyperschedule, "
+                            f"not {hyperschedule.kind} with {hyperschedule.levels} levels (use --sampler auto)")
         return ARSampler(process, categorical)
     if name not in process.kernels:
         offered = ("ancestral", "acs", *process.kernels) if family == "mean" else process.kernels
