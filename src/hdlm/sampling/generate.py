@@ -120,12 +120,16 @@ def _checked_inputs(model, process, batch_size: int, generator) -> tuple[torch.d
 @torch.no_grad()
 def generate(model, process, hyperschedule, sampler: Sampler, batch_size: int, prompt=None,
              generator: torch.Generator | None = None, *, kv_cache: bool = True, trace: bool = False,
-             progress: bool = True, callback: Callable[[StepInfo], None] | None = None) -> GenerationResult:
+             progress: bool = True, callback: Callable[[StepInfo], None] | None = None,
+             lazy: bool = True) -> GenerationResult:
     """Generate ``batch_size`` sequences of length d = ``hyperschedule.d`` (paper §3, App. B.4).
 
     ``prompt``: LongTensor (P,) or (B, P) of real token ids, settled from the start. ``generator``:
     the only source of randomness (on the model's device; default: seed 0). ``kv_cache``: cache
     the settled cells' keys/values (§3.3). ``trace``: keep x_t of every step (CPU) for plots.
+    ``lazy``: run the output head only at the positions that can change this step (the sampler's
+    :meth:`~hdlm.sampling.samplers.Sampler.plan`) and skip the model call when there are none;
+    ``False`` runs it at every active position every step (same tokens: for benchmarks).
     """
     hs = hyperschedule
     cfg = model.cfg
@@ -159,9 +163,11 @@ def generate(model, process, hyperschedule, sampler: Sampler, batch_size: int, p
             if steps is not None:
                 steps.append(TraceStep(t, settled_end, max(active_end, settled_end), x.cpu(), called))
             if called:
-                x, n_cells, n_cached, committed = _step(model, process, hs, sampler, x, t, settled_end, active_end,
-                                                        P, shift, ar, cache, committed, kw, generator, callback)
-                calls += 1
+                x, n_cells, _, committed = _step(model, process, hs, sampler, x, t, settled_end, active_end,
+                                                 P, shift, ar, cache, committed, kw, generator, callback, lazy)
+                calls += n_cells is not None
+                if steps is not None:
+                    steps[-1].model_called = n_cells is not None
             bar.update(1)
         bar.close()
         if device.type == "cuda":
@@ -176,13 +182,20 @@ def generate(model, process, hyperschedule, sampler: Sampler, batch_size: int, p
 
 
 def _step(model, process, hs, sampler, x, t, settled_end, active_end, P, shift, ar, cache, committed, kw,
-          generator, callback):
-    """One model call and one sampler step; returns (x, cells run, cells cached, committed)."""
+          generator, callback, lazy=True):
+    """One sampler step, with a model call unless no position can change (``lazy``).
+
+    Returns (x, cells run or None when the model was not called, cells cached, committed).
+    """
     device = x.device
     level_now = hs.level_at_step(t, torch.float64).to(device)
     level_next = hs.level_at_step(t + 1, torch.float64).to(device)
     level_now[:P] = 0.0  # the prompt is settled at every step
     level_next[:P] = 0.0
+    x_act = x[:, settled_end:active_end]
+    plan = sampler.plan(x_act, level_now[settled_end:active_end], level_next[settled_end:active_end], generator)
+    if lazy and not plan.need.any():  # the model's output would not be read (issue #16.4)
+        return x, None, committed if cache is not None else 0, committed
     clean_from = committed if cache is not None else 0
     cells, out_index = inference_cells(x, level_now, settled_end, active_end, process, shift,
                                        clean_from=clean_from, ar=ar, **kw)
@@ -197,16 +210,41 @@ def _step(model, process, hs, sampler, x, t, settled_end, active_end, P, shift, 
     # SDPA with a boolean mask on every device: the step shapes change every step, and a compiled
     # FlexAttention kernel would be recompiled for each new shape; the masks here are small.
     mask = dense_mask(cells.layout, kv_layout, device=device)
-    raw = model(cells.tokens, cells.sigma, cells.positions, mask, keep=cells.keep, out_index=out_index,
-                cache=cache, commit=commit)
+    need = plan.need if lazy else torch.ones_like(plan.need)
+    raw_need = _outputs(model, cells, mask, out_index, need, cache, commit)
+    if not lazy:
+        raw_need = raw_need.view(*need.shape, -1)[plan.need]
     committed += commit  # the model advanced the cache by `commit`; later cells get overwritten
-    x_act = x[:, settled_end:active_end]
-    new = sampler.step(raw, x_act, level_now[settled_end:active_end], level_next[settled_end:active_end], generator)
+    new = sampler.finish(plan, raw_need, generator)
     x = x.clone()
     x[:, settled_end:active_end] = new
     if callback is not None:
+        raw = raw_need.new_zeros(*plan.need.shape, raw_need.shape[-1])
+        raw[plan.need] = raw_need
         callback(StepInfo(t, settled_end, active_end, raw, x_act, new, len(cells.layout), n_cached))
     return x, len(cells.layout), n_cached, committed
+
+
+def _outputs(model, cells, mask, out_index: Tensor, need: Tensor, cache, commit: int) -> Tensor:
+    """Network outputs (M, N) at the active positions need.nonzero() (row-major), nowhere else.
+
+    The output head runs per sequence at its K = max_b |need_b| needed cells (DESIGN.md §9).
+    Without a KV cache, the sequences that need nothing are left out of the forward pass.
+    """
+    rows = need.any(1)
+    if cache is not None or bool(rows.all()):
+        rows = None
+    need_rows = need if rows is None else need[rows]
+    count = need_rows.sum(1)
+    K = int(count.max())
+    order = torch.argsort((~need_rows).to(torch.int8), dim=1, stable=True)[:, :K]  # needed first, in order
+    index = out_index[order]  # (B', K) cells
+    tokens, sigma, keep = cells.tokens, cells.sigma, cells.keep
+    if rows is not None:
+        tokens, sigma, keep = tokens[rows], sigma[rows], keep[rows]
+    raw = model(tokens, sigma, cells.positions, mask, keep=keep, out_index=index, cache=cache, commit=commit)
+    valid = torch.arange(K, device=need.device).unsqueeze(0) < count.unsqueeze(1)
+    return raw[valid]
 
 
 class _NoBar:
