@@ -159,15 +159,13 @@ def generate(model, process, hyperschedule, sampler: Sampler, batch_size: int, p
         for t in range(hs.T):
             settled_end, active_end = hs.split(t)
             settled_end = max(settled_end, P)
-            called = active_end > settled_end
-            if steps is not None:
-                steps.append(TraceStep(t, settled_end, max(active_end, settled_end), x.cpu(), called))
-            if called:
+            x_before, n_cells = x, None
+            if active_end > settled_end:
                 x, n_cells, _, committed = _step(model, process, hs, sampler, x, t, settled_end, active_end,
                                                  P, shift, ar, cache, committed, kw, generator, callback, lazy)
                 calls += n_cells is not None
-                if steps is not None:
-                    steps[-1].model_called = n_cells is not None
+            if steps is not None:
+                steps.append(TraceStep(t, settled_end, max(active_end, settled_end), x_before.cpu(), n_cells is not None))
             bar.update(1)
         bar.close()
         if device.type == "cuda":
