@@ -102,6 +102,18 @@ def _final_clean(n: int, d: int, settled_attention: str, width: int) -> int:
     return (n // width) * width
 
 
+def _context_window(model, hs, shift: int) -> tuple[int | None, int]:
+    """(window, KV cache length): beyond the training length d (§4.5), Block, Slide and Quench keep
+    the last d positions in view (window = d, see :func:`_attention_mask`); within d there is none."""
+    context = getattr(model.cfg, "length", None) or hs.d
+    if hs.d <= context:
+        return None, hs.d + shift
+    if hs.kind == "flat" or hs.width > context:
+        raise HDLMError(f"length {hs.d} > the model's training length d = {context}: only Block, Slide and "
+                        f"Quench with width <= d generate beyond it (a Flat step denoises all {hs.d} positions at once)")
+    return context, min(hs.d, context + 3 * hs.width) + shift
+
+
 def _checked_inputs(model, process, batch_size: int, generator) -> tuple[torch.device, torch.Generator]:
     """The model's device and the generator (default: seed 0 there), after checking the inputs agree."""
     if process.N != model.n_real:
@@ -148,7 +160,8 @@ def generate(model, process, hyperschedule, sampler: Sampler, batch_size: int, p
             x[:, :P] = prompt
         # Flat without a prompt never settles anything before the end: nothing to cache
         settles = ar or P > 0 or int(hs.splits()[0].max()) > 0
-        cache = model.new_cache(B, d + shift, device=device) if kv_cache and settles else None
+        window, room = _context_window(model, hs, shift)
+        cache = model.new_cache(B, room, device=device) if kv_cache and settles else None
         committed = 0  # clean cells in the cache: those predicting positions [0, committed)
         steps: list[TraceStep] | None = [] if trace else None
         calls = 0
@@ -162,7 +175,7 @@ def generate(model, process, hyperschedule, sampler: Sampler, batch_size: int, p
             x_before, n_cells = x, None
             if active_end > settled_end:
                 x, n_cells, _, committed = _step(model, process, hs, sampler, x, t, settled_end, active_end,
-                                                 P, shift, ar, cache, committed, kw, generator, callback, lazy)
+                                                 P, shift, ar, cache, committed, kw, generator, callback, lazy, window)
                 calls += n_cells is not None
             if steps is not None:
                 steps.append(TraceStep(t, settled_end, max(active_end, settled_end), x_before.cpu(), n_cells is not None))
@@ -180,7 +193,7 @@ def generate(model, process, hyperschedule, sampler: Sampler, batch_size: int, p
 
 
 def _step(model, process, hs, sampler, x, t, settled_end, active_end, P, shift, ar, cache, committed, kw,
-          generator, callback, lazy=True):
+          generator, callback, lazy=True, window=None):
     """One sampler step, with a model call unless no position can change (``lazy``).
 
     Returns (x, cells run or None when the model was not called, cells cached, committed).
@@ -197,17 +210,11 @@ def _step(model, process, hs, sampler, x, t, settled_end, active_end, P, shift, 
     clean_from = committed if cache is not None else 0
     cells, out_index = inference_cells(x, level_now, settled_end, active_end, process, shift,
                                        clean_from=clean_from, ar=ar, **kw)
-    n_cached = committed if cache is not None else 0
-    kv_layout = cells.layout
     commit = 0
     if cache is not None:
-        if committed:
-            kv_layout = concat_layouts(clean_layout(committed, shift, device=device, **kw), cells.layout)
         clean_end = committed + cells.n_clean
         commit = max(0, _final_clean(clean_end, hs.d, kw["settled_attention"], kw["block_width"]) - committed)
-    # SDPA with a boolean mask on every device: the step shapes change every step, and a compiled
-    # FlexAttention kernel would be recompiled for each new shape; the masks here are small.
-    mask = dense_mask(cells.layout, kv_layout, device=device)
+    mask, n_cached = _attention_mask(cells, cache, committed, shift, kw, window)
     need = plan.need if lazy else torch.ones_like(plan.need)
     raw_need = _outputs(model, cells, mask, out_index, need, cache, commit)
     if not lazy:
@@ -221,6 +228,32 @@ def _step(model, process, hs, sampler, x, t, settled_end, active_end, P, shift, 
         raw[plan.need] = raw_need
         callback(StepInfo(t, settled_end, active_end, raw, x_act, new, len(cells.layout), n_cached))
     return x, len(cells.layout), n_cached, committed
+
+
+def _attention_mask(cells, cache, committed: int, shift: int, kw: dict, window: int | None) -> tuple[Tensor, int]:
+    """The (new cells × cached + new cells) mask and the number of cached cells attended to.
+
+    ``window`` (generation beyond the training length d): every cell also sees only the cells
+    whose input position is within d − 1 + shift of its own (as far as training ever reaches:
+    a SHIFTED interval's last input is d − 1, BOS is at −1); the cache first drops the cells no
+    later cell can see (the clean cells before committed − d − shift + 1: queries never move back).
+    """
+    device = cells.tokens.device
+    kv_layout = cells.layout
+    if window is not None:
+        window += shift
+    if cache is not None:
+        if window is not None:
+            cache.drop(max(0, committed - window + 1 - cache.start))
+        if committed:
+            cached = clean_layout(committed, shift, device=device, **kw)[cache.start:]
+            kv_layout = concat_layouts(cached, cells.layout)
+    # SDPA with a boolean mask on every device: the step shapes change every step, and a compiled
+    # FlexAttention kernel would be recompiled for each new shape; the masks here are small.
+    mask = dense_mask(cells.layout, kv_layout, device=device)
+    if window is not None:
+        mask = mask & ((cells.layout.pos[:, None] - kv_layout.pos[None, :]).abs() < window)
+    return mask, len(kv_layout) - len(cells.layout)
 
 
 def _outputs(model, cells, mask, out_index: Tensor, need: Tensor, cache, commit: int) -> Tensor:
