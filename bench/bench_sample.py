@@ -46,8 +46,15 @@ class BlockTimer:
 
     def __init__(self, model, device: str) -> None:
         self.seconds, self.t0, self.cuda = 0.0, 0.0, device.startswith("cuda")
+        self.cells = self.head_cells = 0  # cells through the blocks, cells through the output head
         model.blocks[0].register_forward_pre_hook(self._start)
         model.blocks[-1].register_forward_hook(self._stop)
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, _module, args, kwargs):
+        tokens, index = args[0], kwargs.get("out_index")
+        self.cells += tokens.numel()
+        self.head_cells += tokens.numel() if index is None else tokens.shape[0] * index.shape[-1]
 
     def _sync(self) -> None:
         if self.cuda:
@@ -78,11 +85,11 @@ def run_one(model, process, hs, args, kv_cache: bool, lazy: bool = True):
     sampler = make_sampler("auto", process, hyperschedule=hs)
     gen = torch.Generator(device=args.device).manual_seed(0)
     timer = model.timer
-    timer.seconds = 0.0
+    timer.seconds, timer.cells, timer.head_cells = 0.0, 0, 0
     with torch.no_grad():
         res = generate(model, process, hs, sampler, args.batch, generator=gen, kv_cache=kv_cache, progress=False,
                        lazy=lazy)
-    res.transformer_s = timer.seconds
+    res.transformer_s, res.cells, res.head_cells = timer.seconds, timer.cells, timer.head_cells
     return res
 
 
@@ -96,6 +103,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--process", default="gamma", help="process.kind: gamma, epsilon or mdlm")
     ap.add_argument("--profile", action="store_true", help="print the top ops of a cached run, eager and lazy")
+    ap.add_argument("--eager-cache", action="store_true", help="also time the cached run with the head everywhere")
     ap.add_argument("--skip-rho", action="store_true", help="leave out the ρ sweep")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
@@ -109,7 +117,7 @@ def main() -> None:
     print(f"KV cache, d = {d}, batch {args.batch}, {args.layers}x{args.hidden}, vocab {args.vocab}, "
           f"{args.process}, {out['machine']}")
     print("| ω | n | steps | calls | no cache e2e / blocks (s) | KV cache e2e / blocks (s) | e2e × | blocks × "
-          "| ideal (n+1)/2 |\n|---|---|---|---|---|---|---|---|---|")
+          "| ideal (n+1)/2 | cells × |\n|---|---|---|---|---|---|---|---|---|---|")
     run_one(model, process, make_hyperschedule("block", d, width=d // 4, rho=d // 8), args, kv_cache=True)  # warm-up: 2 levels a block
     for div in (4, 16):
         hs = make_hyperschedule("block", d, width=d // div)
@@ -117,27 +125,33 @@ def main() -> None:
             profile(model, process, hs, args)
         plain = run_one(model, process, hs, args, kv_cache=False)
         cached = run_one(model, process, hs, args, kv_cache=True)
+        if args.eager_cache:  # the KV cache before issue #16.1a: the head at every active position
+            eager = run_one(model, process, hs, args, kv_cache=True, lazy=False)
+            print(f"(ω = d/{div}, KV cache, eager head: {eager.wall_time:.1f} s e2e, {eager.transformer_s:.1f} s blocks, "
+                  f"{eager.head_cells} head cells vs {cached.head_cells} lazy)")
         assert torch.equal(plain.tokens, cached.tokens), "cached and uncached generation differ"
         row = {"width": f"d/{div}", "blocks": div, "steps": hs.T, "calls": cached.n_model_calls,
                "uncached_s": plain.wall_time, "cached_s": cached.wall_time,
                "uncached_blocks_s": plain.transformer_s, "cached_blocks_s": cached.transformer_s,
                "speedup": plain.wall_time / cached.wall_time,
-               "blocks_speedup": plain.transformer_s / cached.transformer_s, "ideal": (div + 1) / 2}
+               "blocks_speedup": plain.transformer_s / cached.transformer_s, "ideal": (div + 1) / 2,
+               "uncached_cells": plain.cells, "cached_cells": cached.cells, "head_cells": cached.head_cells}
         out["cache"].append(row)
         print(f"| d/{div} | {div} | {hs.T} | {row['calls']} | {plain.wall_time:.1f} / {plain.transformer_s:.1f} "
               f"| {cached.wall_time:.1f} / {cached.transformer_s:.1f} | {row['speedup']:.2f} "
-              f"| {row['blocks_speedup']:.2f} | {row['ideal']:.1f} |")
+              f"| {row['blocks_speedup']:.2f} | {row['ideal']:.1f} | {plain.cells / cached.cells:.2f} |")
 
     d = args.rho_length
     model, process = build(args, d)
-    print(f"\nlazy heads, Flat ρ = 1, d = {d}, {args.process}\n| lazy | model calls | tokens/s |\n|---|---|---|")
+    print(f"\nlazy heads, Flat ρ = 1, d = {d}, {args.process}\n| lazy | model calls | head cells | tokens/s |"
+          f"\n|---|---|---|---|")
     hs = make_hyperschedule("flat", d)
     runs = [run_one(model, process, hs, args, kv_cache=True, lazy=lazy) for lazy in (False, True)]
     assert torch.equal(runs[0].tokens, runs[1].tokens), "lazy and eager generation differ"
     for lazy, r in zip((False, True), runs):
-        out.setdefault("lazy", []).append({"lazy": lazy, "model_calls": r.n_model_calls,
+        out.setdefault("lazy", []).append({"lazy": lazy, "model_calls": r.n_model_calls, "head_cells": r.head_cells,
                                            "tokens_per_s": r.tokens_per_s, "seconds": r.wall_time})
-        print(f"| {lazy} | {r.n_model_calls} | {r.tokens_per_s:.1f} |")
+        print(f"| {lazy} | {r.n_model_calls} | {r.head_cells} | {r.tokens_per_s:.1f} |")
     if args.skip_rho:
         kinds = ()
     else:
