@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--process", default="gamma", help="process.kind: gamma, epsilon or mdlm")
     ap.add_argument("--profile", action="store_true", help="print the top ops of a cached run, eager and lazy")
     ap.add_argument("--eager-cache", action="store_true", help="also time the cached run with the head everywhere")
+    ap.add_argument("--long", action="store_true", help="Block at L = d, 2d, 4d (beyond the training length)")
     ap.add_argument("--skip-rho", action="store_true", help="leave out the ρ sweep")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
@@ -164,6 +165,16 @@ def main() -> None:
             out["rho"].append({"schedule": kind, "rho": rho, "model_calls": r.n_model_calls,
                                "tokens_per_s": r.tokens_per_s, "seconds": r.wall_time})
             print(f"| {kind} | {rho:g} | {r.n_model_calls} | {r.tokens_per_s:.0f} |")
+    if args.long:
+        d = args.rho_length
+        print(f"\nbeyond d = {d}: Block ω = d/4, KV cache (window of d)\n| L | L/d | model calls | tokens/s |"
+              f"\n|---|---|---|---|")
+        for mult in (1, 2, 4):
+            hs = make_hyperschedule("block", mult * d, width=d // 4)
+            r = run_one(model, process, hs, args, kv_cache=True)
+            out.setdefault("long", []).append({"length": mult * d, "model_calls": r.n_model_calls,
+                                               "tokens_per_s": r.tokens_per_s, "seconds": r.wall_time})
+            print(f"| {mult * d} | {mult} | {r.n_model_calls} | {r.tokens_per_s:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
