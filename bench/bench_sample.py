@@ -1,14 +1,19 @@
-"""Sampling speed: KV cache vs no cache, and model calls / tokens per second per hyperschedule and ρ.
+"""Sampling speed: KV cache vs no cache, lazy vs eager heads, and model calls / tokens per second.
 
 Side by side in one run, on one machine:
-1. Block ω = d/4 and ω = d/16 at d = 1024 (paper Table 10: 2.08× for ω = d/4 on an A100), with and
-   without the KV cache (same seed: the tokens are identical, which is asserted here too);
-2. Flat, Block and Slide at ρ ∈ {1/2, 1, 2, 4}: number of model calls and generated tokens/s (cached).
+1. Block ω = d/4 and ω = d/16 (paper Table 10: 2.08× for ω = d/4 on an A100), with and without the
+   KV cache (same seed: the tokens are identical, which is asserted here too): end-to-end seconds and
+   transformer seconds (the blocks only, timed by hooks) and their ratios beside the ideal (n+1)/2
+   for n = d/ω blocks;
+2. Flat at ρ = 1 with ``lazy`` off and on (the head only where a token can change, no model call
+   for a step that changes nothing): model calls and tokens/s (issue #16.4);
+3. Flat, Block and Slide at ρ ∈ {1/2, 1, 2, 4}: number of model calls and generated tokens/s (cached).
 
 A randomly initialised model is enough for speed (what is measured is compute per step, not text);
 the vocabulary is kept small by default so that the transformer, not the 50k-way draw, is timed.
 
-    python bench/bench_sample.py [--length 1024] [--vocab 4096] [--batch 2] [--device cpu] [--json out.json]
+    python bench/bench_sample.py [--length 1024] [--vocab 4096] [--batch 2] [--process gamma|mdlm]
+                                 [--device cpu] [--json out.json] [--skip-rho]
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import time
 
 import torch
 
@@ -28,17 +34,63 @@ from hdlm.sampling import generate, make_sampler
 
 def build(args, d: int):
     cfg = load_config(None, [f"model.length={d}", f"model.vocab_size={args.vocab}", f"model.n_layers={args.layers}",
-                             f"model.hidden={args.hidden}", "model.n_heads=4", "model.dropout=0", "process.kind=gamma"])
+                             f"model.hidden={args.hidden}", "model.n_heads=4", "model.dropout=0", f"process.kind={args.process}"])
     torch.manual_seed(0)
     model = HDLMTransformer(cfg.model).to(args.device).eval()
+    model.timer = BlockTimer(model, args.device)
     return model, make_process(cfg.process, args.vocab)
 
 
-def run_one(model, process, hs, args, kv_cache: bool):
+class BlockTimer:
+    """Seconds spent in the transformer blocks (first block's input to last block's output)."""
+
+    def __init__(self, model, device: str) -> None:
+        self.seconds, self.t0, self.cuda = 0.0, 0.0, device.startswith("cuda")
+        self.cells = self.head_cells = 0  # cells through the blocks, cells through the output head
+        model.blocks[0].register_forward_pre_hook(self._start)
+        model.blocks[-1].register_forward_hook(self._stop)
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, _module, args, kwargs):
+        tokens, index = args[0], kwargs.get("out_index")
+        self.cells += tokens.numel()
+        self.head_cells += tokens.numel() if index is None else tokens.shape[0] * index.shape[-1]
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def _start(self, *_):
+        self._sync()
+        self.t0 = time.perf_counter()
+
+    def _stop(self, *_):
+        self._sync()
+        self.seconds += time.perf_counter() - self.t0
+
+
+def profile(model, process, hs, args) -> None:
+    """Top ops by self time of one cached run, eager head (before) and lazy head (after)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for lazy in (False, True):
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            run_one(model, process, hs, args, kv_cache=True, lazy=lazy)
+        print(f"\nprofile ω = {hs.width}, KV cache, lazy = {lazy}:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+
+
+def run_one(model, process, hs, args, kv_cache: bool, lazy: bool = True):
     sampler = make_sampler("auto", process, hyperschedule=hs)
     gen = torch.Generator(device=args.device).manual_seed(0)
+    timer = model.timer
+    timer.seconds, timer.cells, timer.head_cells = 0.0, 0, 0
     with torch.no_grad():
-        return generate(model, process, hs, sampler, args.batch, generator=gen, kv_cache=kv_cache, progress=False)
+        res = generate(model, process, hs, sampler, args.batch, generator=gen, kv_cache=kv_cache, progress=False,
+                       lazy=lazy)
+    res.transformer_s, res.cells, res.head_cells = timer.seconds, timer.cells, timer.head_cells
+    return res
 
 
 def main() -> None:
@@ -49,6 +101,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--process", default="gamma", help="process.kind: gamma, epsilon or mdlm")
+    ap.add_argument("--profile", action="store_true", help="print the top ops of a cached run, eager and lazy")
+    ap.add_argument("--eager-cache", action="store_true", help="also time the cached run with the head everywhere")
+    ap.add_argument("--long", action="store_true", help="Block at L = d, 2d, 4d (beyond the training length)")
+    ap.add_argument("--skip-rho", action="store_true", help="leave out the ρ sweep")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -58,28 +115,66 @@ def main() -> None:
 
     d = args.length
     model, process = build(args, d)
-    print(f"KV cache, d = {d}, batch {args.batch}, {args.layers}x{args.hidden}, vocab {args.vocab}, {out['machine']}")
-    print("| ω | steps | no cache (s) | KV cache (s) | speed-up |\n|---|---|---|---|---|")
+    print(f"KV cache, d = {d}, batch {args.batch}, {args.layers}x{args.hidden}, vocab {args.vocab}, "
+          f"{args.process}, {out['machine']}")
+    print("| ω | n | steps | calls | no cache e2e / blocks (s) | KV cache e2e / blocks (s) | e2e × | blocks × "
+          "| ideal (n+1)/2 | cells × |\n|---|---|---|---|---|---|---|---|---|---|")
+    run_one(model, process, make_hyperschedule("block", d, width=d // 4, rho=d // 8), args, kv_cache=True)  # warm-up: 2 levels a block
     for div in (4, 16):
         hs = make_hyperschedule("block", d, width=d // div)
+        if args.profile:
+            profile(model, process, hs, args)
         plain = run_one(model, process, hs, args, kv_cache=False)
         cached = run_one(model, process, hs, args, kv_cache=True)
+        if args.eager_cache:  # the KV cache before issue #16.1a: the head at every active position
+            eager = run_one(model, process, hs, args, kv_cache=True, lazy=False)
+            print(f"(ω = d/{div}, KV cache, eager head: {eager.wall_time:.1f} s e2e, {eager.transformer_s:.1f} s blocks, "
+                  f"{eager.head_cells} head cells vs {cached.head_cells} lazy)")
         assert torch.equal(plain.tokens, cached.tokens), "cached and uncached generation differ"
-        row = {"width": f"d/{div}", "steps": hs.T, "uncached_s": plain.wall_time, "cached_s": cached.wall_time,
-               "speedup": plain.wall_time / cached.wall_time}
+        row = {"width": f"d/{div}", "blocks": div, "steps": hs.T, "calls": cached.n_model_calls,
+               "uncached_s": plain.wall_time, "cached_s": cached.wall_time,
+               "uncached_blocks_s": plain.transformer_s, "cached_blocks_s": cached.transformer_s,
+               "speedup": plain.wall_time / cached.wall_time,
+               "blocks_speedup": plain.transformer_s / cached.transformer_s, "ideal": (div + 1) / 2,
+               "uncached_cells": plain.cells, "cached_cells": cached.cells, "head_cells": cached.head_cells}
         out["cache"].append(row)
-        print(f"| d/{div} | {hs.T} | {plain.wall_time:.1f} | {cached.wall_time:.1f} | {row['speedup']:.2f}× |")
+        print(f"| d/{div} | {div} | {hs.T} | {row['calls']} | {plain.wall_time:.1f} / {plain.transformer_s:.1f} "
+              f"| {cached.wall_time:.1f} / {cached.transformer_s:.1f} | {row['speedup']:.2f} "
+              f"| {row['blocks_speedup']:.2f} | {row['ideal']:.1f} | {plain.cells / cached.cells:.2f} |")
 
     d = args.rho_length
     model, process = build(args, d)
-    print(f"\nρ sweep, d = {d} (KV cache on)\n| schedule | ρ | model calls | tokens/s |\n|---|---|---|---|")
-    for kind in ("flat", "block", "slide"):
+    print(f"\nlazy heads, Flat ρ = 1, d = {d}, {args.process}\n| lazy | model calls | head cells | tokens/s |"
+          f"\n|---|---|---|---|")
+    hs = make_hyperschedule("flat", d)
+    runs = [run_one(model, process, hs, args, kv_cache=True, lazy=lazy) for lazy in (False, True)]
+    assert torch.equal(runs[0].tokens, runs[1].tokens), "lazy and eager generation differ"
+    for lazy, r in zip((False, True), runs):
+        out.setdefault("lazy", []).append({"lazy": lazy, "model_calls": r.n_model_calls, "head_cells": r.head_cells,
+                                           "tokens_per_s": r.tokens_per_s, "seconds": r.wall_time})
+        print(f"| {lazy} | {r.n_model_calls} | {r.head_cells} | {r.tokens_per_s:.1f} |")
+    if args.skip_rho:
+        kinds = ()
+    else:
+        kinds = ("flat", "block", "slide")
+        print(f"\nρ sweep, d = {d} (KV cache on)\n| schedule | ρ | model calls | tokens/s |\n|---|---|---|---|")
+    for kind in kinds:
         for rho in (0.5, 1.0, 2.0, 4.0):
             hs = make_hyperschedule(kind, d, width=None if kind == "flat" else d // 4, rho=rho)
             r = run_one(model, process, hs, args, kv_cache=True)
             out["rho"].append({"schedule": kind, "rho": rho, "model_calls": r.n_model_calls,
                                "tokens_per_s": r.tokens_per_s, "seconds": r.wall_time})
             print(f"| {kind} | {rho:g} | {r.n_model_calls} | {r.tokens_per_s:.0f} |")
+    if args.long:
+        d = args.rho_length
+        print(f"\nbeyond d = {d}: Block ω = d/4, KV cache (window of d)\n| L | L/d | model calls | tokens/s |"
+              f"\n|---|---|---|---|")
+        for mult in (1, 2, 4):
+            hs = make_hyperschedule("block", mult * d, width=d // 4)
+            r = run_one(model, process, hs, args, kv_cache=True)
+            out.setdefault("long", []).append({"length": mult * d, "model_calls": r.n_model_calls,
+                                               "tokens_per_s": r.tokens_per_s, "seconds": r.wall_time})
+            print(f"| {mult * d} | {mult} | {r.n_model_calls} | {r.tokens_per_s:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -40,11 +40,11 @@ def tiny_model(shift: int = 0, settled: str = "causal", vocab: int = N, length: 
     return model
 
 
-def run(model, process, hs, sampler, batch=3, prompt=None, seed=5, kv_cache=True, trace=False):
+def run(model, process, hs, sampler, batch=3, prompt=None, seed=5, kv_cache=True, trace=False, lazy=True):
     """generate() and the per-step (raw, cells run, cells cached) seen by the callback."""
     steps = []
     res = generate(model, process, hs, sampler, batch, prompt=prompt, generator=torch.Generator().manual_seed(seed),
-                   kv_cache=kv_cache, trace=trace, progress=False,
+                   kv_cache=kv_cache, trace=trace, progress=False, lazy=lazy,
                    callback=lambda s: steps.append((s.t, s.raw.clone(), s.n_cells, s.n_cached)))
     return res, steps
 
@@ -114,8 +114,11 @@ def test_model_calls_are_T_minus_skipped_steps(hs, prompt_len, calls):
     model = tiny_model(1)
     process = MDLM(N, NOISE)
     prompt = torch.arange(prompt_len) % N if prompt_len else None
-    res, steps = run(model, process, hs, make_sampler("auto", process, hyperschedule=hs), prompt=prompt)
+    sampler = make_sampler("auto", process, hyperschedule=hs)
+    res, steps = run(model, process, hs, sampler, prompt=prompt, lazy=False)
     assert res.n_model_calls == calls == len(steps)
+    lazy, lazy_steps = run(model, process, hs, sampler, prompt=prompt)  # calls only where a MASK is revealed
+    assert torch.equal(lazy.tokens, res.tokens) and lazy.n_model_calls == len(lazy_steps) <= calls
     assert res.steps == hs.T and res.prompt_len == prompt_len
 
 

@@ -52,6 +52,7 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.length = 0
+        self.start = 0  # index of the first cached cell (cells before it were dropped)
 
     @property
     def n_layers(self) -> int:
@@ -68,6 +69,17 @@ class KVCache:
     def reset(self) -> None:
         """Forget every cached cell (the buffers are reused)."""
         self.length = 0
+        self.start = 0
+
+    def drop(self, n: int) -> None:
+        """Forget the ``n`` oldest cached cells (a sliding context window): the others move to the front."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"KVCache.drop({n}): must be in [0, length = {self.length}]")
+        if n:
+            for buf in (*self.k, *self.v):
+                buf[:, :, : self.length - n] = buf[:, :, n: self.length].clone()
+            self.length -= n
+            self.start += n
 
     def truncate(self, n: int) -> None:
         """Keep only the first ``n`` cached cells."""

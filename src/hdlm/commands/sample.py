@@ -6,6 +6,8 @@ Examples::
     hdlm sample --checkpoint runs/owt --prompt "The city of" --schedule block --width 256 --rho 2
     hdlm sample --checkpoint runs/owt-eps --sampler acs --eta 0.01 --json --out samples.json
     hdlm sample --checkpoint runs/ptb --num-samples 1 --trace denoising.png
+    hdlm sample --checkpoint runs/owt --schedule block --length 4096 --bos-eos --stop-at-eos
+    hdlm sample --checkpoint runs/owt-eps --schedule flat --infill "the [MASK:12] of the city"
     hdlm sample --checkpoint hdlm-group/hdlm-base-gamma-0.01 --num-samples 2   # a published model
 
 Unset options come from the checkpoint's config (``schedule.*`` and ``sample.*``).
@@ -51,6 +53,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default=None, metavar="FILE.png",
                    help="draw the denoising of the first sample (rows = steps, columns = positions), like Fig. 3")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--length", type=int, default=None, metavar="L",
+                   help="generate L tokens (default: the model's d); L > d with block, slide or quench keeps "
+                        "the last d positions in view")
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="stop once every sample has settled an EOS and print the text before it")
+    p.add_argument("--bos-eos", action="store_true",
+                   help="start from an EOS prompt, so that samples begin a document (the model saw packed text)")
+    p.add_argument("--infill", default=None, metavar="TEMPLATE",
+                   help='flat only: keep the text and generate the gaps, e.g. "the [MASK:12] of the city"')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,16 +77,16 @@ def run(args: argparse.Namespace) -> int:
         args.num_samples, args.prompt, schedule=args.schedule, width=args.width, rho=args.rho, steps=args.steps,
         sampler=args.sampler, eta=args.eta, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, kv_cache=False if args.no_kv_cache else None, batch_size=args.batch_size,
-        draw=args.draw, trace=args.trace is not None,
-        progress=not args.no_progress)
-    texts = pipe.decode(result.tokens)
+        draw=args.draw, trace=args.trace is not None, progress=not args.no_progress,
+        length=args.length, stop_at_eos=args.stop_at_eos, bos_eos=args.bos_eos, infill=args.infill)
+    texts = pipe.decode(result)
     hs = result.hyperschedule
     summary = (f"{len(texts)} samples, d = {hs.d}, {hs.kind} (T = {hs.T}, width = {hs.width}, rho = {hs.rho:g}), "
                f"sampler {result.sampler}: {result.n_model_calls} model calls in {result.wall_time:.2f} s "
                f"({result.tokens_per_s:.1f} tokens/s)")
     if args.json:
         out = json.dumps({
-            "samples": [{"text": t, "ids": ids} for t, ids in zip(texts, result.tokens.tolist())],
+            "samples": [{"text": t, "ids": ids} for t, ids in zip(texts, result.texts_ids())],
             "prompt": args.prompt, "prompt_tokens": result.prompt_len,
             "hyperschedule": {k: v for k, v in hs.to_dict().items() if k != "table"},
             "sampler": result.sampler, "steps": result.steps, "n_model_calls": result.n_model_calls,

@@ -176,8 +176,37 @@ def _work_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+@dataclass
+class StepPlan:
+    """What a sampler decided before seeing the model: which active positions need an output.
+
+    ``need`` (B, A): the positions whose network output the step reads (the others keep their
+    token whatever the output is); ``state``: the random numbers already drawn for this step.
+    """
+
+    x: Tensor  # (B, A) tokens before the step
+    s_now: Tensor  # (B, A) float64 levels
+    s_next: Tensor  # (B, A)
+    moving: Tensor  # (B, A) level decreases
+    need: Tensor  # (B, A) output needed
+    state: dict
+
+
+def rows_within(need: Tensor, subset: Tensor, raw_need: Tensor) -> Tensor:
+    """The rows of ``raw_need`` (outputs at need.nonzero(), row-major) for the positions ``subset`` ⊆ need."""
+    index = torch.full(need.shape, -1, dtype=torch.long, device=need.device)
+    index[need] = torch.arange(raw_need.shape[0], device=need.device)
+    return raw_need[index[subset]]
+
+
 class Sampler:
-    """Base class: ``step`` updates the active positions whose level decreases."""
+    """Base class: ``step`` updates the active positions whose level decreases.
+
+    A step is ``plan`` (random numbers that do not depend on the model, and which positions
+    can change, ``StepPlan.need``) then ``finish`` (the outputs at those positions only). The
+    generation driver runs the output head only there, and skips the model call when no
+    position can change; ``step`` is both with the full output, the same random stream.
+    """
 
     name = "abstract"
 
@@ -189,15 +218,23 @@ class Sampler:
         """x_{t+1} (B, A) from x_t (B, A), raw (B, A, N) and per-position levels (A,) or (B, A)."""
         if raw.shape[:-1] != x.shape:
             raise ValueError(f"{self.name} sampler: raw {tuple(raw.shape)} does not match x {tuple(x.shape)}")
+        plan = self.plan(x, s_now, s_next, generator)
+        return self.finish(plan, raw[plan.need], generator)
+
+    def plan(self, x: Tensor, s_now, s_next, generator: torch.Generator | None = None) -> StepPlan:
+        """The model-independent part of a step; by default every moving position needs its output."""
         s_now, s_next = levels64(s_now, x), levels64(s_next, x)
         moving = s_next < s_now
-        out = x.clone()
-        if moving.any():
-            self._update(out, raw, x, s_now, s_next, moving, generator)
+        return StepPlan(x, s_now, s_next, moving, moving, {})
+
+    def finish(self, plan: StepPlan, raw_need: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """x_{t+1} from the plan and the outputs (M, N) at plan.need.nonzero() (row-major)."""
+        out = plan.x.clone()
+        if plan.moving.any():
+            self._update(out, raw_need, plan, generator)
         return out
 
-    def _update(self, out: Tensor, raw: Tensor, x: Tensor, s_now: Tensor, s_next: Tensor,
-                moving: Tensor, generator: torch.Generator | None) -> None:
+    def _update(self, out: Tensor, raw_need: Tensor, plan: StepPlan, generator: torch.Generator | None) -> None:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -243,10 +280,10 @@ class KernelSampler(Sampler):
         shaped = self.categorical.shape_probs(torch.where(has_mass, real, torch.ones_like(real))) * mass
         return torch.cat([torch.where(has_mass, shaped, real), rest], dim=-1)
 
-    def _update(self, out, raw, x, s_now, s_next, moving, generator) -> None:
-        rows = moving.nonzero(as_tuple=True)
-        x_rows = x[rows]
-        probs = self._shape_real(self.step_probs(raw[rows], x_rows, s_now[rows], s_next[rows]))
+    def _update(self, out, raw_need, plan, generator) -> None:
+        rows = plan.moving.nonzero(as_tuple=True)
+        x_rows = plan.x[rows]
+        probs = self._shape_real(self.step_probs(raw_need, x_rows, plan.s_now[rows], plan.s_next[rows]))
         if not self.categorical.float64:  # the reference code's single float32 draw over N+1 states
             out[rows] = self.categorical.draw(probs, generator)
             return
@@ -254,7 +291,7 @@ class KernelSampler(Sampler):
         # uniform per position), and draw over the other states only for the positions that
         # move; in a small step most stay, so most rows skip the O(N) draw (DESIGN.md §9).
         stay = probs.gather(-1, x_rows.unsqueeze(-1)).squeeze(-1).to(torch.float64)
-        u = torch.rand(x_rows.shape, generator=generator, dtype=torch.float64, device=x.device)
+        u = torch.rand(x_rows.shape, generator=generator, dtype=torch.float64, device=x_rows.device)
         move = u >= stay
         new = x_rows.clone()
         if move.any():
@@ -296,29 +333,44 @@ class AncestralSampler(Sampler):
         c = self.categorical
         return torch.softmax(shape_log_probs(logp, c.temperature, c.top_k, c.top_p), dim=-1)
 
-    def _update(self, out, raw, x, s_now, s_next, moving, generator) -> None:
-        p_transfer = self.process.transfer_prob(s_now, s_next).to(torch.float64)
+    def plan(self, x: Tensor, s_now, s_next, generator: torch.Generator | None = None) -> StepPlan:
+        """The uniforms come first (they do not depend on the model): only the MASKs being revealed
+        (and, for ACS, the tokens being corrected) need an output (issue #16.1a)."""
+        plan = super().plan(x, s_now, s_next, generator)
+        if not plan.moving.any():
+            plan.need = torch.zeros_like(plan.moving)
+            return plan
+        p_transfer = self.process.transfer_prob(plan.s_now, plan.s_next).to(torch.float64)
         masked = x == self.process.mask_id
-        if not self.categorical.float64:
-            self._update_float32(out, raw, x, p_transfer, masked, moving, generator)
-            return
+        plan.state.update(p_transfer=p_transfer, masked=masked)
+        if not self.categorical.float64:  # its random numbers come after the first draw
+            plan.need = plan.moving & (masked | (self.eta > 0))
+            return plan
         u = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=x.device)
-        change = moving & masked & (u < p_transfer)
+        change = plan.moving & masked & (u < p_transfer)
         if self.eta > 0:
-            change |= moving & ~masked & (u < self.eta * (1.0 - p_transfer))
-        rows = change.nonzero(as_tuple=True)
-        out[rows] = self.categorical.draw(self._clean_probs(raw[rows]), generator)
+            change |= plan.moving & ~masked & (u < self.eta * (1.0 - p_transfer))
+        plan.need = change
+        return plan
 
-    def _update_float32(self, out, raw, x, p_transfer, masked, moving, generator) -> None:
+    def _update(self, out, raw_need, plan, generator) -> None:
+        if not self.categorical.float64:
+            self._update_float32(out, raw_need, plan, generator)
+            return
+        if raw_need.shape[0]:
+            out[plan.need] = self.categorical.draw(self._clean_probs(raw_need), generator)
+
+    def _update_float32(self, out, raw_need, plan, generator) -> None:
         """MDLM's reference step (App. F.2 "FP32"): float32 Gumbel-max over [p_tr · p(z), 1 − p_tr]."""
-        rows = (moving & masked).nonzero(as_tuple=True)
-        p_tr = p_transfer[rows].unsqueeze(-1)
-        joint = torch.cat([p_tr * self._clean_probs(raw[rows]), 1.0 - p_tr], dim=-1)
-        out[rows] = self.categorical.draw(joint, generator)  # index N = MASK stays MASK
+        x, moving, masked, p_transfer = plan.x, plan.moving, plan.state["masked"], plan.state["p_transfer"]
+        reveal = moving & masked
+        p_tr = p_transfer[reveal].unsqueeze(-1)
+        joint = torch.cat([p_tr * self._clean_probs(rows_within(plan.need, reveal, raw_need)), 1.0 - p_tr], dim=-1)
+        out[reveal] = self.categorical.draw(joint, generator)  # index N = MASK stays MASK
         if self.eta > 0:
             u = torch.rand(x.shape, generator=generator, dtype=torch.float32, device=x.device)
-            fix = (moving & ~masked & (u < self.eta * (1.0 - p_transfer))).nonzero(as_tuple=True)
-            out[fix] = self.categorical.draw(self._clean_probs(raw[fix]), generator)
+            fix = moving & ~masked & (u < self.eta * (1.0 - p_transfer))
+            out[fix] = self.categorical.draw(self._clean_probs(rows_within(plan.need, fix, raw_need)), generator)
 
 
 class PosteriorSampler(KernelSampler):
@@ -342,9 +394,8 @@ class ARSampler(Sampler):
 
     name = "ar"
 
-    def _update(self, out, raw, x, s_now, s_next, moving, generator) -> None:
-        rows = moving.nonzero(as_tuple=True)
-        out[rows] = self.categorical.sample_logits(raw[rows], generator)
+    def _update(self, out, raw_need, plan, generator) -> None:
+        out[plan.moving] = self.categorical.sample_logits(raw_need, generator)
 
 
 def make_sampler(name: str, process, *, hyperschedule=None, eta: float = 0.01, temperature: float = 1.0,
