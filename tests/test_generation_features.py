@@ -53,7 +53,7 @@ INFILL = [-1, 3, 3, -1, -1, 7, -1, -1, -1, 0, -1, 9]
 
 @pytest.mark.parametrize("kind,name", [("mdlm", "ancestral"), ("mdlm", "acs"), ("mdlm", "posterior"),
                                        ("epsilon", "acs"), ("epsilon", "posterior"), ("gamma", "analytic"),
-                                       ("gamma", "euler"), ("mdlm", "ar")])
+                                       ("gamma", "euler")])
 def test_infill_conditions_are_never_altered(kind, name):
     process = {"mdlm": MDLM(N, NOISE), "epsilon": EpsilonHybrid(N, NOISE, 0.1), "gamma": GammaHybrid(N, NOISE, 0.1)}[kind]
     cond = torch.tensor(INFILL)
