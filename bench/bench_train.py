@@ -21,6 +21,7 @@ import torch
 from hdlm.config import load_config
 from hdlm.model import HDLMTransformer
 from hdlm.objective import build_objective
+from hdlm.optim import adamw_kernel
 
 
 def _sync(device: str) -> None:
@@ -52,11 +53,17 @@ def step_flops(cfg, L: int, n_out: int, mask_true: int, B: int) -> float:
     return 3.0 * B * (per_cell * L + attn + head)
 
 
-def measure(cfg, single: bool, B: int, steps: int, device: str = "cpu") -> dict:
+def measure(cfg, single: bool, B: int, steps: int, device: str = "cpu", head_chunk: int | None = None,
+            fused_adamw: bool = True, profile: bool = False) -> dict:
+    """Mean over ``steps`` (after one warm-up) of a training step; ``head_chunk`` logits per chunk of the
+    fused head + loss (0: the plain unchunked head; None: the objective's default)."""
     torch.manual_seed(0)
     model = HDLMTransformer(cfg.model).to(device)
     obj = build_objective(cfg, cfg.model.vocab_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if head_chunk is not None:
+        obj.head_chunk = head_chunk
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **(adamw_kernel(list(model.parameters())) if fused_adamw
+                                                           else {"foreach": False}))
     d = cfg.model.length
     y = torch.randint(cfg.model.vocab_size, (B, d), device=device)
     times, denoised, flops = [], 0, 0.0
@@ -81,8 +88,47 @@ def measure(cfg, single: bool, B: int, steps: int, device: str = "cpu") -> dict:
         denoised += B * tc.diff_index.numel()
         flops += step_flops(cfg, mask.shape[0], n_out, int(mask.sum()), B)
     total = sum(times)
-    return {"layout": "single" if single else "efficient", "seconds_per_step": total / steps,
-            "denoised_tokens_per_s": denoised / total, "gflops_per_s": flops / total / 1e9}
+    out = {"layout": "single" if single else "efficient", "seconds_per_step": total / steps,
+           "denoised_tokens_per_s": denoised / total, "tokens_per_s": B * d * steps / total,
+           "gflops_per_s": flops / total / 1e9}
+    if profile:
+        out["top_ops"] = profile_step(model, obj, opt, y, B)
+    return out
+
+
+def profile_step(model, obj, opt, y, B: int, top: int = 6) -> list[tuple[str, float]]:
+    """The ``top`` ops by self CPU time (ms) of one training step (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss, _ = obj(model, y, torch.arange(B) + 7, 99)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [(e.key, e.self_cpu_time_total / 1e3) for e in events]
+
+
+VARIANTS = {"before (unchunked head, AdamW loop)": (0, False), "chunked head + loss": (None, False),
+            "chunked head + loss, fused AdamW": (None, True)}
+
+
+def run_variants(args, rate_before: float, device: str) -> list[dict]:
+    """#16.3: the head/loss/optimizer changes one after another, at the default preset and at 4 × 256 GPT-2."""
+    sizes = {"default preset (d=128, 4x256, BERT 30522, block w=4, batch 16)":
+             ["model.length=128", "model.vocab_size=30522", "schedule.width=4"],
+             "4x256 GPT-2 (d=256, vocab 50257, block w=64, batch 4)":
+             ["model.length=256", "model.vocab_size=50257", "schedule.width=64"]}
+    rows = []
+    for (name, over), B in zip(sizes.items(), (16, 4)):
+        cfg = load_config(None, [*over, "model.dropout=0", "schedule.kind=block", "process.kind=gamma"])
+        for variant, (chunk, fused) in VARIANTS.items():
+            r = measure(cfg, False, B, args.steps, device, head_chunk=chunk, fused_adamw=fused, profile=args.profile)
+            r.update(size=name, variant=variant, gemm_fraction=r["gflops_per_s"] * 1e9 / rate_before)
+            rows.append(r)
+            print(f"| {name} | {variant} | {r['seconds_per_step']:.3f} | {r['tokens_per_s']:.0f} | "
+                  f"{r['gflops_per_s']:.1f} | {100 * r['gemm_fraction']:.0f}% |", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -95,8 +141,22 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--variants", action="store_true", help="#16.3 table: unchunked head / chunked / fused AdamW")
+    ap.add_argument("--profile", action="store_true", help="with --variants: top ops of one step per variant")
     args = ap.parse_args()
     rate = gemm_rate(args.device)
+    if args.variants:
+        print(f"fp32 GEMM: {rate / 1e9:.1f} GFLOP/s")
+        print("| size | variant | s/step | tokens/s | GFLOP/s | of GEMM |\n|---|---|---|---|---|---|")
+        rows = run_variants(args, rate, args.device)
+        after = gemm_rate(args.device)
+        print(f"fp32 GEMM after: {after / 1e9:.1f} GFLOP/s")
+        for r in rows if args.profile else []:
+            print(r["size"], "|", r["variant"], "|", "; ".join(f"{k} {v:.0f} ms" for k, v in r["top_ops"]))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"gemm_gflops": [rate / 1e9, after / 1e9], "rows": rows}, f, indent=2)
+        return
     rows = []
     for div in (4, 16):
         width = args.length // div

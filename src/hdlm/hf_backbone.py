@@ -270,8 +270,9 @@ class HFBackbone(nn.Module):
 
     def forward(self, tokens: Tensor, sigma: Tensor | None, positions: Tensor | None = None, mask: Any = None,
                 keep: Tensor | None = None, out_index: Tensor | None = None, cache: KVCache | None = None,
-                commit: int = 0) -> Tensor:
-        """Raw outputs (B, K, N): the HF model's logits over the N real tokens (see HDLMTransformer.forward)."""
+                commit: int = 0, head_loss: Any = None) -> Any:
+        """Raw outputs (B, K, N): the HF model's logits over the N real tokens (see HDLMTransformer.forward;
+        ``head_loss`` as there)."""
         B, L = tokens.shape
         cached = cache.length if cache is not None else 0
         if cache is not None:
@@ -300,7 +301,14 @@ class HFBackbone(nn.Module):
             x = _select(x, out_index)
         x = self.decoder.norm(x)
         bias = self.head.bias[: self.n_real] if self.head.bias is not None else None
-        raw = F.linear(x, self.head.weight[: self.n_real], bias)
+        params = (self.head.weight[: self.n_real],) + ((bias,) if bias is not None else ())
+        if head_loss is not None:
+            return head_loss(x, self._logits, params)
+        return self._logits(x, *params)
+
+    def _logits(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The head: logits over the N real tokens, soft-capped like the HF model when it is."""
+        raw = F.linear(x, weight, bias)
         if self.softcap is not None:
             raw = torch.tanh(raw / self.softcap) * self.softcap
         return raw

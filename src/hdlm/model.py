@@ -15,7 +15,7 @@ generation step only runs the active window (App. B.4).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,9 @@ from torch import Tensor, nn
 from . import masks as masks_lib
 from .config import ModelConfig
 from .errors import HDLMError
+
+#: ``forward(head_loss=...)``: features (B, K, h), head(features, *params) -> raw, params -> result
+HeadLossFn = Callable[[Tensor, Callable[..., Tensor], tuple], Any]
 
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal width of the σ̄ embedding (DiT / SEDD)
 ROTARY_BASE = 10000.0
@@ -407,7 +410,7 @@ class HDLMTransformer(nn.Module):
 
     def forward(self, tokens: Tensor, sigma: Tensor | None, positions: Tensor | None = None, mask: Any = None,
                 keep: Tensor | None = None, out_index: Tensor | None = None, cache: KVCache | None = None,
-                commit: int = 0, all_columns: bool = False) -> Tensor:
+                commit: int = 0, all_columns: bool = False, head_loss: HeadLossFn | None = None) -> Any:
         """Raw outputs (B, K, N) at the cells ``out_index`` (K,)/(B, K), or at all L cells.
 
         tokens (B, L) ids in [0, N+1]; sigma (B, L) σ̄ of the position each cell predicts (ignored
@@ -417,6 +420,10 @@ class HDLMTransformer(nn.Module):
         weights (used when cfg.weighted_embedding). With ``cache``, keys/values are
         cached ⁀ new and the first ``commit`` new cells are appended to the cache. ``all_columns``:
         also return the MASK column of a head that has one (``vocab_layout = official``).
+        ``head_loss(features, head, params)``: instead of the raw outputs, return what it returns
+        for the head's input features (B, K, h) and ``head(features, *params) -> raw`` (the
+        objective's fused chunked head + loss, :mod:`hdlm.head_loss`; through ``forward`` so
+        that DDP / FSDP wrappers see the call).
         """
         B, L = tokens.shape
         cached = cache.length if cache is not None else 0
@@ -447,8 +454,17 @@ class HDLMTransformer(nn.Module):
         if self.adaLN_final is not None:
             shift, scale = self.adaLN_final(c).chunk(2, dim=-1)
             x = modulate(x, shift, scale)
+        n = self.n_columns if all_columns else self.n_real
+        if head_loss is not None:
+            return head_loss(x, F.linear, self.head_params(n))
         if self.head is not None:
             raw = self.head(x)
         else:
             raw = F.linear(x, self.token_embedding, self.head_bias)
-        return raw[..., : self.n_columns if all_columns else self.n_real]
+        return raw[..., :n]
+
+    def head_params(self, n: int) -> tuple[Tensor, Tensor]:
+        """The head's weight (n, h) and bias (n,) over its first n columns (views of the parameters)."""
+        if self.head is not None:
+            return self.head.weight[:n], self.head.bias[:n]
+        return self.token_embedding[:n], self.head_bias[:n]

@@ -6,9 +6,12 @@ The cells it runs over (and the Eq. (11) position weights of the naive layout) c
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
+from .head_loss import HEAD_CHUNK_ELEMENTS, TokenLoss, chunk_positions, fused_head_loss
 from .hyperschedule import from_config
 from .layout import attention_mask, training_cells
 from .processes import cross_entropy, make_process
@@ -33,6 +36,8 @@ class Objective:
         self.n_intervals = cfg.objective.intervals
         self.settled_attention = cfg.model.settled_attention
         self.block_width = self.hyperschedule.width
+        #: logits per chunk of the fused head + loss (hdlm.head_loss); 0: the plain unchunked head
+        self.head_chunk = HEAD_CHUNK_ELEMENTS
 
     @property
     def is_ar(self) -> bool:
@@ -47,30 +52,53 @@ class Objective:
     def __call__(self, model, y: Tensor, seeds: Tensor, batch_seed: int, single: bool = False):
         tc = self.cells(y, seeds, batch_seed, single=single)
         c = tc.cells
-        kc = tc.ce_index.numel()
         out_index = torch.cat([tc.ce_index, tc.diff_index])
         mask = attention_mask(c.layout, c.layout, device=y.device)
-        raw = model(c.tokens, c.sigma, c.positions, mask, keep=c.keep, out_index=out_index)
+        parts = self.token_losses(tc, y.shape[1])
+        args = (c.tokens, c.sigma, c.positions, mask)
+        if self.head_chunk:  # the fused chunked head + loss (hdlm.head_loss): no (B, K, N) tensors kept
+            head_loss = functools.partial(self._fused_parts, parts=parts)
+            total, values = model(*args, keep=c.keep, out_index=out_index, head_loss=head_loss)
+        else:
+            raw = model(*args, keep=c.keep, out_index=out_index)
+            values = [fn(raw[:, lo:hi], 0, hi - lo) if hi > lo else raw.new_zeros(raw.shape[0], 0)
+                      for fn, _, lo, hi in parts]
+            total = sum((v * coef.to(v.dtype)).sum() for v, (_, coef, _, _) in zip(values, parts))
         d = y.shape[1]
-        zero = raw.new_zeros(y.shape[0])
-        ce = (cross_entropy(raw[:, :kc], tc.ce_target) * tc.ce_weight).sum(-1) / d if kc else zero
-        raw_diff = raw[:, kc:]
-        if tc.diff_index.numel() == 0:
-            diff = zero
-        elif tc.discrete:
-            diff = (cross_entropy(raw_diff, tc.diff_y) * tc.diff_rate.to(raw.dtype)).sum(-1) / d
-        else:
-            per_tok = self.process.diffusion_loss(raw_diff, tc.diff_x, tc.diff_y, tc.diff_level.to(raw.dtype),
-                                                  tc.diff_rate.to(raw.dtype), tc.diff_aux)
-            diff = per_tok.sum(-1) / d
-        if self.is_ar:
-            loss, nelbo = ce, ce
-        else:
-            loss, nelbo = self.beta1 * ce + self.beta2 * diff, diff
+        ce, diff = (values[0] * tc.ce_weight).sum(-1) / d, values[1].sum(-1) / d
+        loss, nelbo = (ce, ce) if self.is_ar else (self.beta1 * ce + self.beta2 * diff, diff)
         stats = {k: float(v.detach().mean()) for k, v in
                  (("loss", loss), ("ce", ce), ("diffusion", diff), ("nelbo", nelbo))}
         self.last_nelbo = nelbo.detach()
-        return loss.mean(), stats
+        return total, stats
+
+    def token_losses(self, tc, d: int) -> list[tuple[TokenLoss, Tensor, int, int]]:
+        """The two groups of output cells, [settled CE cells; diffusion cells], each as (per-token loss of
+        a chunk of its positions, coefficient (B, K) of each token in the batch mean of Eq. (10), lo, hi)."""
+        B = tc.cells.tokens.shape[0]
+        kc, kd = tc.ce_index.numel(), tc.diff_index.numel()
+        b1, b2 = (1.0, 0.0) if self.is_ar else (self.beta1, self.beta2)
+
+        def ce_loss(raw: Tensor, lo: int, hi: int) -> Tensor:
+            return cross_entropy(raw, tc.ce_target[:, lo:hi])
+
+        def diffusion_loss(raw: Tensor, lo: int, hi: int) -> Tensor:
+            rate = tc.diff_rate[:, lo:hi].to(raw.dtype)
+            if tc.discrete:
+                return cross_entropy(raw, tc.diff_y[:, lo:hi]) * rate
+            aux = {key: v[:, lo:hi] for key, v in tc.diff_aux.items()}
+            return self.process.diffusion_loss(raw, tc.diff_x[:, lo:hi], tc.diff_y[:, lo:hi],
+                                               tc.diff_level[:, lo:hi].to(raw.dtype), rate, aux)
+
+        ce_coef = (b1 / (d * B)) * tc.ce_weight.to(torch.float64).expand(B, kc)
+        diff_coef = torch.full((B, kd), b2 / (d * B), dtype=torch.float64, device=tc.diff_y.device)
+        return [(ce_loss, ce_coef, 0, kc), (diffusion_loss, diff_coef, kc, kc + kd)]
+
+    def _fused_parts(self, x: Tensor, head, params: tuple, parts) -> tuple[Tensor, list[Tensor]]:
+        """model.forward's ``head_loss``: :func:`fused_head_loss` over each group of output cells."""
+        chunk = chunk_positions(x.shape[0], params[0].shape[0], self.head_chunk)
+        results = [fused_head_loss(x[:, lo:hi], coef, head, fn, params, chunk) for fn, coef, lo, hi in parts]
+        return sum(total for total, _ in results), [values for _, values in results]
 
 
 def build_objective(cfg, vocab_size: int) -> Objective:

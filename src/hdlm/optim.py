@@ -31,9 +31,21 @@ def lr_factor(step: int, tc: TrainConfig) -> float:
 
 
 def make_optimizer(model: nn.Module, tc: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the model's parameters and its :func:`lr_factor` schedule."""
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    """AdamW over the model's parameters and its :func:`lr_factor` schedule (the fused kernel where it runs)."""
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+                            **adamw_kernel(params))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, tc))
+
+
+def adamw_kernel(params: list[Tensor]) -> dict[str, bool]:
+    """``fused=True`` (one kernel for all parameters) when every parameter is a plain floating tensor on
+    CPU or CUDA; else ``foreach`` on CUDA; else the default per-parameter loop. Same update either way."""
+    devices = {p.device.type for p in params}
+    plain = all(p.is_floating_point() and not hasattr(p, "device_mesh") for p in params)  # no FSDP DTensors
+    if params and plain and devices <= {"cpu", "cuda"}:
+        return {"fused": True}
+    return {"foreach": True} if devices == {"cuda"} else {}
 
 
 class EMA:

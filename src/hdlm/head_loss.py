@@ -1,0 +1,95 @@
+"""The vocabulary head and the losses over it, fused and computed in position chunks (DESIGN.md §9).
+
+The output head (hidden → N logits) and the per-token losses of Eq. (10) (the settled
+cross-entropy, DWDSE, HDCE) are most of a training step's memory traffic: computed at once
+they materialise (positions × N) logits, their log-softmax and the gradient of each, several
+fp32 tensors of (B, K, N). :func:`fused_head_loss` instead runs, per chunk of positions, the
+head, the loss and their backward (inside the forward pass), keeping only the gradients with
+respect to the features and the head's parameters; the backward pass just scales them by the
+incoming gradient of the scalar. Peak memory of the head is one (B, chunk, N) block, and no
+head FLOP is recomputed. The result equals the unchunked computation up to summation order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+#: Logits per chunk (B × positions × N): 2^22 fp32 values = 16 MiB per block, small enough for
+#: the CPU's caches to matter little and large enough for the head's GEMM to stay efficient.
+HEAD_CHUNK_ELEMENTS = 1 << 22
+
+Head = Callable[..., Tensor]  # head(x (B, k, h), *params) -> raw (B, k, N)
+TokenLoss = Callable[[Tensor, int, int], Tensor]  # loss(raw (B, k, N), lo, hi) -> per-token loss (B, k)
+
+
+def chunk_positions(batch: int, columns: int, elements: int = HEAD_CHUNK_ELEMENTS) -> int:
+    """Positions per chunk so that one chunk holds about ``elements`` logits (at least 1)."""
+    return max(1, elements // max(1, batch * columns))
+
+
+def _chunk_grads(x: Tensor, coef: Tensor, head: Head, loss: TokenLoss, params: Sequence[Tensor],
+                 lo: int, hi: int, need: Sequence[bool]) -> tuple[Tensor, list[Tensor | None]]:
+    """One chunk: per-token loss values (B, hi−lo) and the gradients of Σ coef·loss w.r.t. x[:, lo:hi] and params."""
+    with torch.enable_grad():
+        xc = x[:, lo:hi].detach().requires_grad_(need[0])
+        ps = [p.detach().requires_grad_(n) for p, n in zip(params, need[1:])]
+        per = loss(head(xc, *ps), lo, hi)
+        inputs = [t for t, n in zip([xc, *ps], need) if n]
+        grads = iter(torch.autograd.grad((per * coef[:, lo:hi]).sum(), inputs)) if inputs else iter(())
+    return per.detach(), [next(grads) if n else None for n in need]
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Σ coef · loss(head(x)) with the head's backward done chunk by chunk in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, coef: Tensor, head: Head, loss: TokenLoss, chunk: int, *params: Tensor):
+        need = [x.requires_grad] + [p.requires_grad for p in params]
+        gx = torch.zeros_like(x) if need[0] else None
+        gps = [torch.zeros_like(p) if n else None for p, n in zip(params, need[1:])]
+        values = []
+        for lo in range(0, x.shape[1], chunk):
+            hi = min(lo + chunk, x.shape[1])
+            per, grads = _chunk_grads(x, coef, head, loss, params, lo, hi, need)
+            values.append(per)
+            if gx is not None:
+                gx[:, lo:hi] = grads[0]
+            for acc, g in zip(gps, grads[1:]):
+                if acc is not None:
+                    acc += g
+        per_token = torch.cat(values, dim=1)
+        ctx.mark_non_differentiable(per_token)
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in [gx, *gps]))
+        ctx.need = need
+        return (per_token * coef).sum(), per_token
+
+    @staticmethod
+    def backward(ctx, g_total: Tensor, _g_values: Tensor):
+        saved = ctx.saved_tensors
+        grads = [s * g_total.to(s.dtype) if n else None for s, n in zip(saved, ctx.need)]
+        return (grads[0], None, None, None, None, *grads[1:])
+
+
+def fused_head_loss(x: Tensor, coef: Tensor, head: Head, loss: TokenLoss, params: Sequence[Tensor],
+                    chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """(Σ_{b,k} coef[b,k] · ℓ[b,k], ℓ (B, K) detached) with ℓ = ``loss(head(x, *params))`` per token.
+
+    ``x`` (B, K, h) are the features the head reads (after the final norm), ``coef`` (B, K) the
+    weight of each per-token loss in the scalar to backpropagate, ``loss(raw, lo, hi)`` the
+    per-token loss of the chunk of positions [lo, hi) (it slices its own targets). ``chunk``
+    positions per chunk (default: :func:`chunk_positions`; None or ≥ K: one chunk). Without grad
+    mode only the values are computed, chunk by chunk.
+    """
+    B, K = x.shape[:2]
+    if K == 0:
+        return x.new_zeros(()), x.new_zeros(B, 0)
+    chunk = max(1, min(chunk or K, K))
+    coef = coef.to(x.dtype)
+    if not torch.is_grad_enabled():
+        per = torch.cat([loss(head(x[:, lo:lo + chunk], *params), lo, min(lo + chunk, K))
+                         for lo in range(0, K, chunk)], dim=1)
+        return (per * coef).sum(), per
+    return _FusedHeadLoss.apply(x, coef, head, loss, chunk, *params)
