@@ -382,7 +382,24 @@ def test_sampler_steps_edge_rules():
         final = fn(ls, x, s, torch.zeros(6, dtype=F64))
         assert torch.all(final[:, N] == 0) and torch.allclose(final.sum(-1), torch.ones(6, dtype=F64))
         assert torch.all(final >= 0)
-    torch.testing.assert_close(proc.denoise_probs(ls, x, s), proc.analytic_probs(ls, x, s, 0.0))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.01, 0.3])
+def test_denoise_probs_is_tweedie_bayes_denoiser_for_one_token(gamma):
+    """The last step with exact scores returns p(y | x) ∝ p0(y) q(x | y, s) exactly (dense matrix_exp)."""
+    N, s = 5, 0.6
+    noise = LogLinear(1e-3)
+    proc = GammaHybrid(N, noise, gamma)
+    p0 = torch.tensor([0.3, 0.05, 0.4, 0.15, 0.1], dtype=F64)
+    fwd = expm_exact(sigma_bar(noise, s), N, gamma)  # column y: q(. | y, s)
+    p_now = fwd[:, :N] @ p0
+    raw = torch.log(p_now[:N])
+    for x in range(N + 1):
+        xs, st = torch.tensor(x), torch.tensor(s, dtype=F64)
+        got = proc.denoise_probs(proc.log_score(raw, xs, st), xs, st)
+        ref = torch.zeros(N + 1, dtype=F64)
+        ref[:N] = p0 * fwd[x, :N] / p_now[x]
+        torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
 
 
 def test_uniform_last_step_never_outputs_mask():
