@@ -162,6 +162,13 @@ def test_analytic_sampler_reproduces_data(process, kind):
 
 
 @pytest.mark.parametrize("kind", ["flat", "block"])
+def test_posterior_kernel_sampler_reproduces_data(kind):
+    process = GammaHybrid(N, NOISE, 0.3)
+    x = run_sampler(make_sampler("posterior", process), process, SCHEDULES[kind], BATCH, seed=1)
+    assert tv_to(x, p_data()) < TV_BOUND[kind]
+
+
+@pytest.mark.parametrize("kind", ["flat", "block"])
 def test_euler_sampler_reproduces_data(kind):
     process = GammaHybrid(N, NOISE, 0.3)
     hs = flat(D, steps=128) if kind == "flat" else block(D, width=2, rho=2 / 64)  # many small steps
