@@ -200,7 +200,8 @@ def test_discrete_bound_bounds_exact_nll(kind, proc, hs, configuration, variatio
     cfg = make_cfg(kind, configuration, **proc)
     # the uniform process's Tweedie step clamps p_z < (1 - e^{-Δσ̄})/N to 0: keep p near uniform
     model = random_model(cfg, seed=len(kind) + hs.T, scale=0.08 if kind == "uniform" else 0.25)
-    rc = ReverseChain.from_config(model, cfg, schedule=hs)
+    # the ε posterior kernel against either chain (Algorithm 3's kernel needs the absorbing one: see below)
+    rc = ReverseChain.from_config(model, cfg, schedule=hs, kernel="posterior" if kind == "epsilon" else None)
     chain = variational_chain(rc.process, variational)
     dc = DenseChain(cfg, variational)
     P = kernels(rc)
@@ -224,6 +225,8 @@ DEFAULT_NOISE_CASES = [  # (kind, process args, schedule, configuration, variati
     ("absorb", {}, flat(D, steps=3), "aligned", "forward", "posterior"),
     ("absorb", {}, flat(D, steps=3), "aligned", "forward", "analytic"),
     ("epsilon", {}, block(D, 2), "shifted", "forward", "posterior"),  # the default ε = 0.01
+    ("epsilon", {}, block(D, 2), "shifted", "absorb", "ancestral"),  # the default kernel: Algorithm 3
+    ("epsilon", dict(epsilon=0.2), flat(D, steps=3), "aligned", "absorb", "ancestral"),
     ("mdlm", {}, slide(D, 2), "aligned", "forward", "posterior"),
 ]
 
@@ -295,8 +298,9 @@ def test_monte_carlo_estimate_matches_exact_bound():
     cfg = make_cfg("epsilon", epsilon=0.2)
     model = random_model(cfg, seed=5, scale=0.5)
     hs = block(D, 2)
-    rc = ReverseChain.from_config(model, cfg, schedule=hs)
-    chain, dc = variational_chain(rc.process), DenseChain(cfg)
+    rc = ReverseChain.from_config(model, cfg, schedule=hs)  # the defaults: Algorithm 3's kernel, absorbing chain
+    assert rc.kernel == "ancestral"
+    chain, dc = variational_chain(rc.process, "auto"), DenseChain(cfg, "absorb")
     exact = sum(library_bound(rc, chain, dc, y) for y in REAL)
     for stratified in (False, True):  # t ~ U{0..T-1}, or spread over [0, T) across a sequence's draws
         res = perplexity_bound(model, cfg, REAL, schedule=hs, mc_samples=300, batch_size=64, seed=1,
@@ -446,8 +450,9 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
                                       "--schedule", "flat", "--steps", "4", "--estimator", "discrete",
                                       "--batch-size", "4", "--seed", "0", "--json", str(out)])
     assert run_ppl(args) == 0
-    assert "| discrete |" in capsys.readouterr().out
+    assert "| discrete bound | ancestral, flat T = 4 |" in capsys.readouterr().out  # names the certified sampler
     record = json.loads(out.read_text())
+    assert record["kind"] == "bound" and record["certifies"] == "ancestral, flat T = 4"
     assert record["checkpoint_sha256"] and record["hdlm_version"] and record["command"]
     assert record["schedule"]["kind"] == "flat" and record["schedule"]["T"] == 4
     assert record["estimator"] == "discrete" and record["n_tokens"] % 8 == 0 and math.isfinite(record["nll_per_token"])

@@ -246,7 +246,7 @@ class TrainConfig(_Section):
 class SampleConfig(_Section):
     """Generation (paper §3.4, App. D)."""
 
-    sampler: _choice(SAMPLER_NAMES) = _f("auto", "auto: analytic (gamma), ancestral (epsilon), ar (quench)")
+    sampler: _choice(SAMPLER_NAMES) = _f("auto", "auto: posterior (0<gamma<1), analytic (gamma 0 or 1), ancestral (epsilon), ar (quench)")
     eta: float = _f(0.01, "ACS correction strength", ge=0.0, le=1.0)
     temperature: float = _f(1.0, "sampling temperature (1 = off)", gt=0.0, le=100.0)
     top_k: int = _f(0, "keep the K most likely tokens (0 = off)", ge=0)

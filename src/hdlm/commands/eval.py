@@ -99,7 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--mc-samples", type=int, default=None, metavar="M",
                      help="Monte-Carlo draws per sequence (default: the estimator's)")
     ppl.add_argument("--estimator", default="discrete", choices=ESTIMATORS,
-                     help="discrete (default: bound of the T-step sampler) or continuous (Alg. 1 training NELBO)")
+                     help="discrete (default: bound of the T-step sampler), continuous-bound (bound of the masking "
+                          "samplers as T -> infinity; mdlm, absorb) or continuous (Alg. 1's estimate, not a bound)")
     ppl.add_argument("--variational", default="auto", choices=VARIATIONAL_CHAINS,
                      help="discrete estimator's noising chain: auto (default), forward or absorb")
     ppl.add_argument("--no-stratify", action="store_true",

@@ -68,7 +68,6 @@ class GammaHybrid(Process):
 
     family = "score"
     kernels = ("analytic", "euler", "posterior", "ar")
-    default_kernel = "analytic"
 
     def __init__(self, N: int, noise: NoiseSchedule, gamma: float, parametrisation: str = "subs"):
         super().__init__(N, noise)
@@ -78,6 +77,9 @@ class GammaHybrid(Process):
             raise HDLMError(f"gamma-hybrid: parametrisation = {parametrisation!r} must be one of "
                             f"{', '.join(PARAMETRISATIONS)}")
         self.gamma = float(gamma)
+        # 0 < γ < 1: the full-support posterior-mean kernel (the analytic step, the paper's sampler,
+        # clamps and its discrete bound is then infinite; bench/RESULTS.md compares the two); γ = 0, 1: analytic
+        self.default_kernel = "posterior" if 0.0 < self.gamma < 1.0 else "analytic"
         # "sedd": raw outputs are SEDD / official scale_by_sigma log-ratios (hdlm.sedd_score)
         self.parametrisation = parametrisation
 
