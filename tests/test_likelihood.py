@@ -458,6 +458,9 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
     assert record["estimator"] == "discrete" and record["n_tokens"] % 8 == 0 and math.isfinite(record["nll_per_token"])
     # an untrained (all-zero head) model predicts uniformly: its NLL is exactly log N per token
     assert record["nll_per_token"] + 4 * record["stderr"] >= math.log(tok.vocab_size)
+    wrong = build_parser().parse_args(["eval", "ppl", "--checkpoint", str(ckpt), "--data", str(text), "--kernel", "euler"])
+    with pytest.raises(HDLMError, match="reverse kernel 'euler': MDLM offers ancestral, posterior, ar"):
+        run_ppl(wrong)
     bad = build_parser().parse_args(["eval", "ppl", "--checkpoint", str(ckpt), "--data", "hf:no_such_dataset_xyz:test"])
     with pytest.raises(HDLMError, match="no_such_dataset_xyz"):
         run_ppl(bad)

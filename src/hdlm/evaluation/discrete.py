@@ -118,6 +118,9 @@ class ReverseChain:
     def __post_init__(self) -> None:
         if self.kernel is None:
             self.kernel = "ar" if self.schedule.levels == 1 else self.process.default_kernel
+        if self.kernel not in self.process.kernels:
+            raise HDLMError(f"reverse kernel '{self.kernel}': {type(self.process).__name__} offers "
+                            f"{', '.join(self.process.kernels)}")
 
     @classmethod
     def from_config(cls, model, cfg, schedule=None, process=None, kernel: str | None = None) -> "ReverseChain":
