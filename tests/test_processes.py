@@ -615,7 +615,7 @@ def test_reverse_kernels_by_name_reach_samplers_and_the_bound_without_touching_c
     ref = proc.analytic_probs(proc.log_score(raw, x, s_now), x, s_now, s_next)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
     assert torch.equal(got[2], torch.nn.functional.one_hot(x[2], N + 1).double())  # level does not move: stays
-    assert torch.equal(proc.reverse_kernel(raw, x, s_now, s_next), got)  # the default kernel
+    assert torch.equal(proc.reverse_kernel(raw, x, s_now, s_next), proc.reverse_kernel(raw, x, s_now, s_next, "posterior"))  # the default (0 < γ < 1)
     with pytest.raises(HDLMError, match="offers analytic, euler, posterior, ar"):
         proc.reverse_kernel(raw, x, s_now, s_next, "ancestral")
 
