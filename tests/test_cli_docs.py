@@ -71,8 +71,12 @@ def test_main_job_end_to_end_writes_the_report(tmp_path, monkeypatch):
                "train.log_every=2", "train.eval_every=2", "train.save_every=4"])
     assert rc == 0
     report = (out / "report.md").read_text()
-    for needle in ("Perplexity upper bound", "discrete", "continuous", "training tokens", "Sample texts",
-                   "hdlm run --out"):
+    for needle in ("Perplexity on", "discrete", "continuous", "training tokens", "Sample texts",
+                   "hdlm run --out", "*estimate*"):
         assert needle in report
+    # the default γ = 0.01 model: the discrete bound certifies the default (posterior) sampler and is finite
+    row = next(line for line in report.splitlines() if line.startswith("| discrete |"))
+    assert "| bound | posterior, block T = " in row and "inf" not in row
+    assert "| continuous | estimate | — (an estimate) |" in report
     for pic in ("curves.png", "hyperschedule.png", "trace.png"):
         assert (out / pic).stat().st_size > 1000

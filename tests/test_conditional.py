@@ -89,7 +89,8 @@ CASES = [  # (process kind, process args, schedule, configuration, prompt length
 def test_bound_bounds_the_exact_conditional_and_matches_enumeration(kind, proc, hs, configuration, P, C, seed):
     cfg = make_cfg(kind, configuration, **proc)
     model = random_model(cfg, seed=seed, scale=0.5 if kind in ("epsilon", "mdlm") else 0.25)
-    rc = ReverseChain.from_config(model, cfg, schedule=hs)
+    # ε: the posterior kernel, against the forward chain (Algorithm 3's kernel needs the absorbing chain)
+    rc = ReverseChain.from_config(model, cfg, schedule=hs, kernel="posterior" if kind == "epsilon" else None)
     pc, dc = prompted(rc, P), DenseChain(cfg)
     q_chain = variational_chain(rc.process, "forward")
     gaps, tail_effect = [], []

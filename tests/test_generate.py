@@ -239,7 +239,7 @@ def test_pipeline_generates_texts_with_the_prompt(checkpoint):
     res = pipe.generate_ids(2, [7592, 2088], schedule="flat", steps=4, seed=1)
     assert res.tokens.shape == (2, 16) and res.tokens[:, :2].tolist() == [[7592, 2088]] * 2
     assert res.hyperschedule.kind == "flat" and res.steps == 4 and res.n_model_calls == 4
-    assert res.sampler == "analytic"
+    assert res.sampler == "posterior"  # the γ default (0 < γ < 1)
     assert pipe.hyperschedule().kind == "block" and pipe.hyperschedule().T == 8  # width 4 at rho 2
     assert pipe.hyperschedule("quench").T == 16
     ids_c = pipe.generate_ids(2, "hello", seed=3, kv_cache=True).tokens

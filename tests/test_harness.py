@@ -148,7 +148,7 @@ def test_simple_evaluate_by_name_states_the_bound(world, caplog):
         res = lm_eval.simple_evaluate(model="hdlm", model_args=f"checkpoint={world['ckpt']['mdlm']},mc_samples=2,"
                                       "greedy_check=false,device=cpu", tasks=["tiny_mc"], limit=2,
                                       task_manager=TaskManager(include_path=world["tasks"], include_defaults=False))
-    assert "UPPER BOUND on the NLL" in caplog.text and "'posterior' kernel under flat T=4" in caplog.text
+    assert "UPPER BOUND on the NLL" in caplog.text and "'ancestral' kernel under flat T=4" in caplog.text
     assert res["config"]["model"] == "hdlm" and 0.0 <= res["results"]["tiny_mc"]["acc,none"] <= 1.0
 
 
@@ -235,6 +235,6 @@ def test_a_converted_causal_lm_is_scored_exactly_under_quench_and_bounded_under_
     assert greedy == bool((ref[len(ctx):].argmax(-1) == targets[len(ctx):]).all())
 
     block = HDLMHarnessLM(str(folder), device="cpu", mc_samples=2, greedy_check=False)
-    assert not block.chain.ar and block.hs.kind == "block" and block.chain.kernel == "posterior"
+    assert not block.chain.ar and block.hs.kind == "block" and block.chain.kernel == "ancestral"
     bound, _ = block.score(ctx, cont)
     assert math.isfinite(bound) and bound < 0

@@ -201,7 +201,7 @@ def test_discrete_bound_bounds_exact_nll_by_enumeration(kind, proc, hs, variatio
     ref = reference_lm("llama", seed=4, vocab=4, bos=3)
     cfg, model = convert_lm(ref, n=tl.N, d=tl.D, kind=hs.kind, width=2, proc=kind,
                             extra=[f"process.{k}={v}" for k, v in proc.items()])
-    rc = ReverseChain.from_config(model, cfg, schedule=hs)
+    rc = ReverseChain.from_config(model, cfg, schedule=hs, kernel="posterior" if kind == "epsilon" else None)
     chain, dc = variational_chain(rc.process, variational), tl.DenseChain(cfg, variational)
     P = tl.kernels(rc)
     gaps = []

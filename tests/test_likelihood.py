@@ -200,7 +200,8 @@ def test_discrete_bound_bounds_exact_nll(kind, proc, hs, configuration, variatio
     cfg = make_cfg(kind, configuration, **proc)
     # the uniform process's Tweedie step clamps p_z < (1 - e^{-Δσ̄})/N to 0: keep p near uniform
     model = random_model(cfg, seed=len(kind) + hs.T, scale=0.08 if kind == "uniform" else 0.25)
-    rc = ReverseChain.from_config(model, cfg, schedule=hs)
+    # the ε posterior kernel against either chain (Algorithm 3's kernel needs the absorbing one: see below)
+    rc = ReverseChain.from_config(model, cfg, schedule=hs, kernel="posterior" if kind == "epsilon" else None)
     chain = variational_chain(rc.process, variational)
     dc = DenseChain(cfg, variational)
     P = kernels(rc)
@@ -215,6 +216,59 @@ def test_discrete_bound_bounds_exact_nll(kind, proc, hs, configuration, variatio
         assert bound >= nll - 1e-10
         gaps.append(bound - nll)
     assert max(gaps) > 1e-4  # a latent-variable bound is not tight here: the check has teeth
+
+
+DEFAULT_NOISE_CASES = [  # (kind, process args, schedule, configuration, variational, kernel): log-linear, α(1) > 0
+    ("gamma", {}, flat(D, steps=3), "aligned", "absorb", "posterior"),  # the default γ = 0.01
+    ("gamma", dict(gamma=0.2), block(D, 2), "shifted", "absorb", "posterior"),
+    ("gamma", dict(gamma=0.2), slide(D, 2), "aligned", "forward", "posterior"),
+    ("absorb", {}, flat(D, steps=3), "aligned", "forward", "posterior"),
+    ("absorb", {}, flat(D, steps=3), "aligned", "forward", "analytic"),
+    ("epsilon", {}, block(D, 2), "shifted", "forward", "posterior"),  # the default ε = 0.01
+    ("epsilon", {}, block(D, 2), "shifted", "absorb", "ancestral"),  # the default kernel: Algorithm 3
+    ("epsilon", dict(epsilon=0.2), flat(D, steps=3), "aligned", "absorb", "ancestral"),
+    ("mdlm", {}, slide(D, 2), "aligned", "forward", "posterior"),
+]
+
+
+@pytest.mark.parametrize("kind,proc,hs,configuration,variational,kernel", DEFAULT_NOISE_CASES,
+                         ids=[f"{c[0]}{c[1].get('gamma', '')}-{c[2].kind}-{c[3]}-{c[4]}-{c[5]}"
+                              for c in DEFAULT_NOISE_CASES])
+def test_discrete_bound_is_finite_and_bounds_exact_nll_with_default_noise(kind, proc, hs, configuration,
+                                                                          variational, kernel):
+    """The enumeration check with the default noise (log-linear, α(1) = 10⁻³ > 0): the bound of the
+    named kernel is finite for every sequence, equals the dense trajectory reference and is ≥ the
+    exact NLL of the sampler that uses that kernel."""
+    cfg = make_cfg(kind, configuration, **proc)
+    model = random_model(cfg, seed=11 + hs.T)
+    rc = ReverseChain.from_config(model, cfg, schedule=hs, kernel=kernel)
+    chain, dc = variational_chain(rc.process, variational), DenseChain(cfg, variational)
+    P = kernels(rc)
+    for y in REAL:
+        nll, bound = exact_nll(P, dc.prior, y), library_bound(rc, chain, dc, y)
+        assert math.isfinite(bound)
+        assert bound == pytest.approx(trajectory_nelbo(dc, hs, P, y), rel=1e-9, abs=1e-10)
+        assert bound >= nll - 1e-10
+
+
+def test_analytic_kernel_bound_is_infinite_where_the_posterior_kernel_is_finite():
+    """Issue #14's γ = 0.2, Block ω = 2, SHIFTED case with the default noise, by enumeration: the
+    analytic (Tweedie) step clamps negative weights, so sequences of finite NLL get an infinite bound;
+    the posterior-mean kernel's bound is finite and ≥ its own sampler's NLL for every sequence."""
+    cfg = make_cfg("gamma", "shifted", gamma=0.2)
+    model = random_model(cfg, seed=0)
+    hs = block(D, 2)
+    dc = DenseChain(cfg, "absorb")
+    results = {}
+    for kernel in ("analytic", "posterior"):
+        rc = ReverseChain.from_config(model, cfg, schedule=hs, kernel=kernel)
+        chain, P = variational_chain(rc.process, "auto"), kernels(rc)
+        results[kernel] = [(exact_nll(P, dc.prior, y), library_bound(rc, chain, dc, y)) for y in REAL]
+    assert all(math.isfinite(nll) for nll, _ in results["analytic"])
+    assert sum(math.isinf(b) for _, b in results["analytic"]) >= 4
+    assert all(math.isfinite(b) and b >= nll - 1e-10 for nll, b in results["posterior"])
+    res = perplexity_bound(model, cfg, REAL, schedule=hs, mc_samples=4, kernel="posterior", progress=False)
+    assert res.n_infinite == 0 and res.kernel == "posterior" and res.variational == "absorb"
 
 
 @pytest.mark.parametrize("kind,configuration,proc", [
@@ -244,8 +298,9 @@ def test_monte_carlo_estimate_matches_exact_bound():
     cfg = make_cfg("epsilon", epsilon=0.2)
     model = random_model(cfg, seed=5, scale=0.5)
     hs = block(D, 2)
-    rc = ReverseChain.from_config(model, cfg, schedule=hs)
-    chain, dc = variational_chain(rc.process), DenseChain(cfg)
+    rc = ReverseChain.from_config(model, cfg, schedule=hs)  # the defaults: Algorithm 3's kernel, absorbing chain
+    assert rc.kernel == "ancestral"
+    chain, dc = variational_chain(rc.process, "auto"), DenseChain(cfg, "absorb")
     exact = sum(library_bound(rc, chain, dc, y) for y in REAL)
     for stratified in (False, True):  # t ~ U{0..T-1}, or spread over [0, T) across a sequence's draws
         res = perplexity_bound(model, cfg, REAL, schedule=hs, mc_samples=300, batch_size=64, seed=1,
@@ -395,13 +450,17 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
                                       "--schedule", "flat", "--steps", "4", "--estimator", "discrete",
                                       "--batch-size", "4", "--seed", "0", "--json", str(out)])
     assert run_ppl(args) == 0
-    assert "| discrete |" in capsys.readouterr().out
+    assert "| discrete bound | ancestral, flat T = 4 |" in capsys.readouterr().out  # names the certified sampler
     record = json.loads(out.read_text())
+    assert record["kind"] == "bound" and record["certifies"] == "ancestral, flat T = 4"
     assert record["checkpoint_sha256"] and record["hdlm_version"] and record["command"]
     assert record["schedule"]["kind"] == "flat" and record["schedule"]["T"] == 4
     assert record["estimator"] == "discrete" and record["n_tokens"] % 8 == 0 and math.isfinite(record["nll_per_token"])
     # an untrained (all-zero head) model predicts uniformly: its NLL is exactly log N per token
     assert record["nll_per_token"] + 4 * record["stderr"] >= math.log(tok.vocab_size)
+    wrong = build_parser().parse_args(["eval", "ppl", "--checkpoint", str(ckpt), "--data", str(text), "--kernel", "euler"])
+    with pytest.raises(HDLMError, match="reverse kernel 'euler': MDLM offers ancestral, posterior, ar"):
+        run_ppl(wrong)
     bad = build_parser().parse_args(["eval", "ppl", "--checkpoint", str(ckpt), "--data", "hf:no_such_dataset_xyz:test"])
     with pytest.raises(HDLMError, match="no_such_dataset_xyz"):
         run_ppl(bad)

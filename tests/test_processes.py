@@ -340,6 +340,57 @@ def test_analytic_probs_equals_bayes_posterior_for_one_token(gamma, s_next):
         torch.testing.assert_close(got2, posterior, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("gamma", [0.01, 0.3])
+@pytest.mark.parametrize("s_next", [0.35, 0.0])
+def test_posterior_kernel_is_the_posterior_mean_of_its_clean_token_estimate(gamma, s_next):
+    """From exact single-token scores, p̂ = (1 − κ) Bayes + κ m̃ (κ = 1 − e^{−γσ̄}, m̃ ∝ p_now(ŷ) q(x | ŷ))
+    and the kernel is Σ_ŷ p̂(ŷ) q(z | x, ŷ), all from dense 40-digit matrix exponentials."""
+    N, s_now = 5, 0.8
+    noise = LogLinear(1e-3)
+    proc = GammaHybrid(N, noise, gamma)
+    p0 = torch.tensor([0.3, 0.05, 0.4, 0.15, 0.1], dtype=F64)
+    sb_now, sb_next = sigma_bar(noise, s_now), (sigma_bar(noise, s_next) if s_next > 0 else 0.0)
+    F_now, F_next = expm_exact(sb_now, N, gamma), expm_exact(sb_next, N, gamma)
+    step = expm_exact(sb_now - sb_next, N, gamma)  # q(x_now | x_next) = column x_next
+    p_now = F_now[:, :N] @ p0
+    raw = torch.log(p_now[:N])
+    kappa = 1.0 - math.exp(-gamma * sb_now)
+    for x in range(N + 1):
+        bayes = p0 * F_now[x, :N] / p_now[x]
+        m = p_now[:N] * F_now[x, :N]
+        p_hat = (1 - kappa) * bayes + kappa * m / m.sum()
+        ref = sum(p_hat[y] * F_next[:, y] * step[x, :] / F_now[x, y] for y in range(N))  # Σ_ŷ p̂ q(z | x, ŷ)
+        xs, a, b = torch.tensor(x), torch.tensor(s_now, dtype=F64), torch.tensor(s_next, dtype=F64)
+        torch.testing.assert_close(proc.clean_probs(raw, xs, a)[0], p_hat, atol=1e-10, rtol=1e-10)
+        got = proc.reverse_kernel(raw, xs, a, b, "posterior")
+        torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
+        reachable = step[x, :] * (F_next[:, :N].sum(1)) > 0  # states z with q(x | z) q(z | some ŷ) > 0
+        assert torch.all(got[reachable] > 0) and torch.all(got[~reachable] == 0)
+
+
+def test_posterior_kernel_keeps_every_reachable_state_where_the_analytic_step_clamps():
+    """Scores far from any γ-hybrid marginal: the Tweedie step gives reachable tokens probability 0,
+    the posterior kernel gives them all positive probability; γ = 0 is MDLM's ancestral kernel."""
+    N, B = 6, 40
+    noise = LogLinear(1e-3)
+    proc = GammaHybrid(N, noise, 0.2)
+    gen = torch.Generator().manual_seed(0)
+    raw = 8.0 * torch.randn(B, N, generator=gen, dtype=F64)
+    x = torch.randint(N + 1, (B,), generator=gen)
+    a, b = torch.full((B,), 0.9, dtype=F64), torch.full((B,), 0.6, dtype=F64)
+    ana = proc.reverse_kernel(raw, x, a, b, "analytic")
+    post = proc.reverse_kernel(raw, x, a, b, "posterior")
+    real_reach = torch.ones(B, N + 1, dtype=torch.bool)
+    real_reach[:, N] = x == N  # a real token never becomes MASK again
+    assert (ana[real_reach] == 0).any()
+    assert torch.all(post[real_reach] > 0) and torch.all(post[~real_reach] == 0)
+    torch.testing.assert_close(post.sum(-1), torch.ones(B, dtype=F64))
+    final = proc.reverse_kernel(raw, x, a, torch.zeros(B, dtype=F64), "posterior")
+    assert torch.all(final[:, :N] > 0) and torch.all(final[:, N] == 0)
+    absorb, mdlm = GammaHybrid(N, noise, 0.0), MDLM(N, noise)
+    torch.testing.assert_close(absorb.reverse_kernel(raw, x, a, b, "posterior"), mdlm.reverse_kernel(raw, x, a, b))
+
+
 @pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0])
 def test_euler_probs_matches_dense_reverse_rates(gamma):
     N, B = 5, 12
@@ -382,7 +433,24 @@ def test_sampler_steps_edge_rules():
         final = fn(ls, x, s, torch.zeros(6, dtype=F64))
         assert torch.all(final[:, N] == 0) and torch.allclose(final.sum(-1), torch.ones(6, dtype=F64))
         assert torch.all(final >= 0)
-    torch.testing.assert_close(proc.denoise_probs(ls, x, s), proc.analytic_probs(ls, x, s, 0.0))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.01, 0.3])
+def test_denoise_probs_is_tweedie_bayes_denoiser_for_one_token(gamma):
+    """The last step with exact scores returns p(y | x) ∝ p0(y) q(x | y, s) exactly (dense matrix_exp)."""
+    N, s = 5, 0.6
+    noise = LogLinear(1e-3)
+    proc = GammaHybrid(N, noise, gamma)
+    p0 = torch.tensor([0.3, 0.05, 0.4, 0.15, 0.1], dtype=F64)
+    fwd = expm_exact(sigma_bar(noise, s), N, gamma)  # column y: q(. | y, s)
+    p_now = fwd[:, :N] @ p0
+    raw = torch.log(p_now[:N])
+    for x in range(N + 1):
+        xs, st = torch.tensor(x), torch.tensor(s, dtype=F64)
+        got = proc.denoise_probs(proc.log_score(raw, xs, st), xs, st)
+        ref = torch.zeros(N + 1, dtype=F64)
+        ref[:N] = p0 * fwd[x, :N] / p_now[x]
+        torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
 
 
 def test_uniform_last_step_never_outputs_mask():
@@ -547,13 +615,11 @@ def test_reverse_kernels_by_name_reach_samplers_and_the_bound_without_touching_c
     ref = proc.analytic_probs(proc.log_score(raw, x, s_now), x, s_now, s_next)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
     assert torch.equal(got[2], torch.nn.functional.one_hot(x[2], N + 1).double())  # level does not move: stays
-    assert torch.equal(proc.reverse_kernel(raw, x, s_now, s_next), got)  # the default kernel
-    with pytest.raises(HDLMError, match="offers analytic, euler, ar"):
-        proc.reverse_kernel(raw, x, s_now, s_next, "posterior")
+    assert torch.equal(proc.reverse_kernel(raw, x, s_now, s_next), proc.reverse_kernel(raw, x, s_now, s_next, "posterior"))  # the default (0 < γ < 1)
+    with pytest.raises(HDLMError, match="offers analytic, euler, posterior, ar"):
+        proc.reverse_kernel(raw, x, s_now, s_next, "ancestral")
 
-    class WithPosterior(GammaHybrid):
-        kernels = GammaHybrid.kernels + ("posterior",)
-
+    class WithPosterior(GammaHybrid):  # a subclass's kernel_<name> is what samplers and the bound run
         def kernel_posterior(self, raw, x, s_now, s_next):
             return torch.full(raw.shape[:-1] + (self.N + 1,), 1.0 / (self.N + 1), dtype=raw.dtype)
 

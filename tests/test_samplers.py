@@ -162,6 +162,13 @@ def test_analytic_sampler_reproduces_data(process, kind):
 
 
 @pytest.mark.parametrize("kind", ["flat", "block"])
+def test_posterior_kernel_sampler_reproduces_data(kind):
+    process = GammaHybrid(N, NOISE, 0.3)
+    x = run_sampler(make_sampler("posterior", process), process, SCHEDULES[kind], BATCH, seed=1)
+    assert tv_to(x, p_data()) < TV_BOUND[kind]
+
+
+@pytest.mark.parametrize("kind", ["flat", "block"])
 def test_euler_sampler_reproduces_data(kind):
     process = GammaHybrid(N, NOISE, 0.3)
     hs = flat(D, steps=128) if kind == "flat" else block(D, width=2, rho=2 / 64)  # many small steps
@@ -438,7 +445,8 @@ def test_float32_gumbel_lowers_entropy_at_50k_classes_cuda():
 
 
 def test_make_sampler_auto_and_errors():
-    assert make_sampler("auto", GammaHybrid(N, NOISE, 0.1)).name == "analytic"
+    assert make_sampler("auto", GammaHybrid(N, NOISE, 0.1)).name == "posterior"  # full support, finite bound
+    assert make_sampler("auto", Uniform(N, NOISE)).name == "analytic"
     assert make_sampler("auto", MDLM(N, NOISE)).name == "ancestral"
     assert make_sampler("auto", MDLM(N, NOISE), hyperschedule=quench(4)).name == "ar"
     assert make_sampler("auto", Absorb(N, NOISE), hyperschedule=quench(4)).name == "ar"
@@ -471,9 +479,9 @@ def test_posterior_sampler_draws_the_kernel_the_discrete_bound_certifies():
     gen = torch.Generator().manual_seed(0)
     raw = torch.randn(1, 1, N, dtype=torch.float64).expand(M, 2, N)
     x = torch.tensor([N, 2]).expand(M, 2)  # a MASK and a revealed token
-    for s_now, s_next in [(0.6, 0.3), (0.3, 0.0)]:
-        out = make_sampler("posterior", proc).step(raw, x, s_now, s_next, gen)
-        probs = proc.reverse_kernel(raw[:1], x[:1], s_now, s_next, "posterior")[0]
+    for (s_now, s_next), name in itertools.product([(0.6, 0.3), (0.3, 0.0)], ["posterior", "ancestral"]):
+        out = make_sampler(name, proc).step(raw, x, s_now, s_next, gen)  # "ancestral": Algorithm 3's own code
+        probs = proc.reverse_kernel(raw[:1], x[:1], s_now, s_next, name)[0]
         for j in range(2):
             freq = torch.bincount(out[:, j], minlength=N + 1).double() / M
             assert torch.allclose(freq, probs[j], atol=4.5 * (probs[j] * (1 - probs[j]) / M).sqrt().max() + 1e-12)

@@ -115,7 +115,7 @@ def test_tiny_grid_runs_resumes_and_reports(setup, tmp_path):
     assert steps == [1, 2, 3]  # continued exactly, no step twice
     rows = sweep_rows(results)
     assert [(r["cell"], r["sampler"], r["rho"], r["eta"]) for r in rows] == [
-        ("gamma0.01", "analytic", 1.0, None), ("gamma0.01", "analytic", 2.0, None),
+        ("gamma0.01", "posterior", 1.0, None), ("gamma0.01", "posterior", 2.0, None),  # the γ default (auto)
         ("epsilon0.01", "ancestral", 1.0, 0.0), ("epsilon0.01", "ancestral", 2.0, 0.0),
         ("epsilon0.01", "acs", 1.0, 0.01), ("epsilon0.01", "acs", 2.0, 0.01)]
     assert all(r["gen_ppl"] is not None and r["discrete"] != "—" for r in rows)

@@ -39,7 +39,7 @@ SAMPLER_NAMES = ("auto", "analytic", "euler", "ancestral", "acs", "posterior", "
 DRAW_METHODS = ("cdf", "gumbel", "float32-gumbel")  # how samplers draw a token (App. F.2)
 LOGGERS = ("none", "tensorboard", "wandb", "trackio")  # experiment trackers (hdlm.tracking)
 DETOKENIZERS = ("none", "ptb", "wikitext", "lm1b", "lambada", "scientific_papers")  # SEDD / MDLM text rules
-ESTIMATORS = ("discrete", "continuous")  # perplexity bounds (App. C.1)
+ESTIMATORS = ("discrete", "continuous", "continuous-bound")  # App. C.1: bound, Alg. 1 estimate, bound
 VARIATIONAL_CHAINS = ("auto", "forward", "absorb")  # the discrete bound's noising chain q
 PARAMETRISATIONS = ("subs", "sedd")  # how a gamma-family output is read (hdlm / SEDD and official)
 VOCAB_LAYOUTS = ("hdlm", "official")  # embedding / head rows (official: N+1, no BOS)
@@ -248,7 +248,7 @@ class TrainConfig(_Section):
 class SampleConfig(_Section):
     """Generation (paper §3.4, App. D)."""
 
-    sampler: _choice(SAMPLER_NAMES) = _f("auto", "auto: analytic (gamma), ancestral (epsilon), ar (quench)")
+    sampler: _choice(SAMPLER_NAMES) = _f("auto", "auto: posterior (0<gamma<1), analytic (gamma 0 or 1), ancestral (epsilon), ar (quench)")
     eta: float = _f(0.01, "ACS correction strength", ge=0.0, le=1.0)
     temperature: float = _f(1.0, "sampling temperature (1 = off)", gt=0.0, le=100.0)
     top_k: int = _f(0, "keep the K most likely tokens (0 = off)", ge=0)

@@ -2,6 +2,11 @@
 
 The cells it runs over (and the Eq. (11) position weights of the naive layout) come from
 :mod:`hdlm.layout`; the Eq. (12) weighted token embedding is the model's (:mod:`hdlm.model`).
+
+ALIGNED drops the settled CE: an ALIGNED clean cell predicts its own (visible, clean) input token,
+so only SHIFTED's clean cells (which predict the next token) get β₁·L_CE. Training uses the
+efficient layout, which App. B.3 says needs no Eq. (11) weights; ``single=True`` (the naive Fig. 6
+layout with those weights) is the reference the efficient layout is tested against.
 """
 
 from __future__ import annotations

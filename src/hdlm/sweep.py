@@ -281,7 +281,7 @@ def pareto_front(rows: list[dict]) -> list[bool]:
 
 def sweep_table(rows: list[dict]) -> str:
     """The markdown table of :func:`sweep_rows` (★: on the Pareto front of gen. PPL vs entropy)."""
-    lines = ["| cell | process | schedule | configuration | sampler | ρ | η | discrete bound | continuous bound "
+    lines = ["| cell | process | schedule | configuration | sampler | ρ | η | discrete bound | continuous estimate (Alg. 1) "
              "| gen. PPL | entropy | tokens/s |", "|---|---|---|---|---|---:|---:|---|---|---:|---:|---:|"]
     for r, front in zip(rows, pareto_front(rows)):
         gp = "n/a" if r["gen_ppl"] is None else f"{r['gen_ppl']:.1f}" + (" ★" if front else "")

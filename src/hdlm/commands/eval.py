@@ -99,7 +99,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--mc-samples", type=int, default=None, metavar="M",
                      help="Monte-Carlo draws per sequence (default: the estimator's)")
     ppl.add_argument("--estimator", default="discrete", choices=ESTIMATORS,
-                     help="discrete (default: bound of the T-step sampler) or continuous (Alg. 1 training NELBO)")
+                     help="discrete (default: bound of the T-step sampler), continuous-bound (bound of the masking "
+                          "samplers as T -> infinity; mdlm, absorb) or continuous (Alg. 1's estimate, not a bound)")
+    ppl.add_argument("--kernel", default=None, metavar="NAME",
+                     help="discrete estimator: the reverse kernel (sampler) to bound, e.g. posterior, analytic, "
+                          "ancestral (default: the process's default sampler)")
     ppl.add_argument("--variational", default="auto", choices=VARIATIONAL_CHAINS,
                      help="discrete estimator's noising chain: auto (default), forward or absorb")
     ppl.add_argument("--no-stratify", action="store_true",
@@ -311,7 +315,8 @@ def run_ppl(args: argparse.Namespace) -> int:
                            steps=args.steps)
     result = perplexity_bound(model, cfg, dataset, estimator=args.estimator, mc_samples=args.mc_samples,
                               schedule=schedule, batch_size=args.batch_size, seed=args.seed, device=device,
-                              progress=True, variational=args.variational, stratified=not args.no_stratify)
+                              progress=True, variational=args.variational, stratified=not args.no_stratify,
+                              kernel=args.kernel)
     if not dist.main:
         return 0
     if args.estimator == "continuous" and schedule.levels == 1:

@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, metavar="B", help="samples per batch (sample.batch_size)")
     add_schedule_options(p)
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
-                   help="auto: analytic (gamma family), ancestral (epsilon family), ar (quench)")
+                   help="auto: posterior (0<gamma<1), analytic (gamma 0 or 1), ancestral (epsilon), ar (quench)")
     p.add_argument("--eta", type=float, default=None, metavar="E", help="ACS correction strength eta")
     p.add_argument("--temperature", type=float, default=None, metavar="X", help="sampling temperature (1 = off)")
     p.add_argument("--top-k", type=int, default=None, metavar="K", help="keep the K most likely tokens (0 = off)")

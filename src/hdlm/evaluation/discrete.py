@@ -37,11 +37,13 @@ CHUNK_ELEMENTS = 1 << 18  # float64 kernel entries built at once (2 MiB per tens
 
 
 def resolved_variational(process: Process, variational: str) -> str:
-    """The chain ``variational`` names for ``process``: "auto" is "absorb" for 0 < γ < 1, else "forward"."""
+    """The chain ``variational`` names for ``process``: "auto" is "absorb" for 0 < γ < 1 and for ε > 0, else
+    "forward" (the absorbing chain keeps every default kernel's bound finite: docs/likelihood.md)."""
     if variational not in VARIATIONAL:
         raise HDLMError(f"variational = {variational!r}: must be one of {', '.join(VARIATIONAL)}")
     if variational == "auto":
-        return "absorb" if process.family == "score" and 0.0 < process.gamma < 1.0 else "forward"
+        mixed = (0.0 < process.gamma < 1.0) if process.family == "score" else getattr(process, "epsilon", 0.0) > 0.0
+        return "absorb" if mixed else "forward"
     return variational
 
 
@@ -51,7 +53,7 @@ def variational_chain(process: Process, variational: str = "forward") -> Process
     ``"forward"``: the process itself. ``"absorb"``: its absorbing part (γ: masking at rate
     (1 − γ)σ̄; ε: ε = 0), a valid variational choice whose trajectories never hold a wrong token —
     finite wherever the sampler can reveal the right token. ``"auto"``: "absorb" for a γ-hybrid
-    with 0 < γ < 1, else "forward".
+    with 0 < γ < 1 and an ε-hybrid with ε > 0 (its default kernel, Algorithm 3, never substitutes), else "forward".
     """
     if resolved_variational(process, variational) == "forward":
         return process
@@ -116,6 +118,9 @@ class ReverseChain:
     def __post_init__(self) -> None:
         if self.kernel is None:
             self.kernel = "ar" if self.schedule.levels == 1 else self.process.default_kernel
+        if self.kernel not in self.process.kernels:
+            raise HDLMError(f"reverse kernel '{self.kernel}': {type(self.process).__name__} offers "
+                            f"{', '.join(self.process.kernels)}")
 
     @classmethod
     def from_config(cls, model, cfg, schedule=None, process=None, kernel: str | None = None) -> "ReverseChain":

@@ -27,7 +27,7 @@ from ..errors import HDLMError
 from ..hyperschedule import from_config
 from ..objective import build_objective
 from ..runtime import current_dist
-from .continuous import continuous_values
+from .continuous import continuous_values, prior_matched
 from .datasets import ZERO_SHOT, resolve_data_spec
 from .discrete import ReverseChain, discrete_values, resolved_variational, variational_chain
 from .exact import exact_ar_values
@@ -69,6 +69,8 @@ def _estimator(chain: ReverseChain, cfg, estimator: str, M: int, seed: int, batc
         return estimator, M, lambda y, idx: discrete_values(chain, q_chain, y, idx, M, seed, batch_size, stratified)
     objective = build_objective(cfg, cfg.model.vocab_size)
     objective.hyperschedule, objective.block_width = chain.schedule, chain.schedule.width
+    if estimator == "continuous-bound":
+        objective.process = prior_matched(objective.process)
     return estimator, M, lambda y, idx: continuous_values(objective, chain.model, y, idx, M, seed)
 
 

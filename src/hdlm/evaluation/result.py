@@ -19,6 +19,23 @@ from ..errors import HDLMError
 
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 
+#: what each estimator's number is (docs/likelihood.md): an upper bound on −log p(y) of a sampler hdlm runs,
+#: the exact NLL, or Algorithm 1's estimate (comparable with published tables, not a bound: no prior term)
+KINDS = {"discrete": "bound", "continuous-bound": "bound", "exact": "exact", "continuous": "estimate"}
+LABELS = {"discrete": "discrete bound", "continuous-bound": "continuous bound", "exact": "exact NLL",
+          "continuous": "continuous estimate (Alg. 1)"}
+
+
+def certified_sampler(estimator: str, kernel: str | None, schedule: dict, process_cfg: dict) -> str | None:
+    """The sampler whose −log p(y) the number bounds (or equals), in words; None for an estimate."""
+    if estimator == "exact":
+        return f"ar (Quench + SHIFTED, T = {schedule.get('T')}): exact"
+    if estimator == "continuous-bound":
+        return "the masking sampler (ancestral / analytic) as T → ∞"
+    if estimator == "discrete":
+        return f"{kernel}, {schedule.get('kind')} T = {schedule.get('T')}"
+    return None
+
 
 @dataclass
 class NLLSums:
@@ -98,6 +115,8 @@ class PerplexityResult:
     variational: Optional[str] = None
     stratified: bool = False
     kernel: Optional[str] = None
+    kind: str = "bound"  # bound | exact | estimate (KINDS)
+    certifies: Optional[str] = None  # the sampler a bound bounds (certified_sampler); None for an estimate
     n_infinite: int = 0
     stderr_kind: str = ""
     notes: list = field(default_factory=list)
@@ -108,9 +127,10 @@ class PerplexityResult:
     def to_markdown(self, data: str = "") -> str:
         sched = self.schedule
         s = f"{sched.get('kind')} (T={sched.get('T')}, levels={sched.get('levels')}, ω={sched.get('width')})"
-        head = "| data | estimator | schedule | tokens | M | NLL/token | stderr | PPL | 95% interval |"
-        rule = "|---|---|---|---:|---:|---:|---:|---:|---|"
-        row = (f"| {data} | {self.estimator} | {s} | {self.n_tokens} | {self.mc_samples} | "
+        head = "| data | estimator | certifies (sampler) | schedule | tokens | M | NLL/token | stderr | PPL | 95% interval |"
+        rule = "|---|---|---|---|---:|---:|---:|---:|---:|---|"
+        row = (f"| {data} | {LABELS.get(self.estimator, self.estimator)} | {self.certifies or '— (an estimate)'} | "
+               f"{s} | {self.n_tokens} | {self.mc_samples} | "
                f"{self.nll_per_token:.4f} | {self.stderr:.4f} | {self.ppl:.3f} | "
                f"[{self.ppl_low:.3f}, {self.ppl_high:.3f}] |")
         lines = [head, rule, row]
@@ -132,16 +152,21 @@ def make_result(sums: NLLSums, *, estimator: str, mc_samples: int, schedule, pro
     notes = []
     if sums.n_infinite:
         notes.append(f"{sums.n_infinite} draws had an infinite KL term: the sampler's kernel gives probability 0 "
-                     f"to a transition of the variational chain (try variational='absorb' or the continuous estimator)")
-    if estimator == "continuous" and process_cfg.get("kind") == "epsilon" and process_cfg.get("epsilon", 0) > 0:
-        notes.append("continuous estimate of an epsilon-hybrid with epsilon > 0 is its HDCE training loss, "
-                     "not a proven bound; use the discrete estimator for a bound")
+                     f"to a transition of the variational chain (the analytic step clamps: try kernel 'posterior', "
+                     f"or variational='absorb')")
+    if estimator == "continuous":
+        notes.append("the continuous estimate is Algorithm 1 (the training NELBO without its prior term): comparable "
+                     "with published tables, not a bound on a sampler; 'continuous-bound' (masking processes) and "
+                     "'discrete' are bounds")
+    info = _schedule_info(schedule)
     return PerplexityResult(
         estimator=estimator, nll_per_token=nll, ppl=_exp(nll), stderr=se,
         ppl_low=_exp(nll - Z95 * se), ppl_high=_exp(nll + Z95 * se), n_tokens=sums.n_tokens,
-        n_sequences=sums.n_sequences, mc_samples=mc_samples, schedule=_schedule_info(schedule),
+        n_sequences=sums.n_sequences, mc_samples=mc_samples, schedule=info,
         process=dict(process_cfg), variational=variational, stratified=stratified,
-        kernel=kernel if estimator == "discrete" else None, n_infinite=sums.n_infinite, stderr_kind=kind, notes=notes)
+        kernel=kernel if estimator == "discrete" else None, kind=KINDS.get(estimator, "bound"),
+        certifies=certified_sampler(estimator, kernel, info, process_cfg), n_infinite=sums.n_infinite,
+        stderr_kind=kind, notes=notes)
 
 
 def _exp(v: float) -> float:

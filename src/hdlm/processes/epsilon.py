@@ -28,8 +28,9 @@ class EpsilonHybrid(Process):
     """
 
     family = "mean"
-    kernels = ("posterior", "ar")
-    default_kernel = "posterior"
+    kernels = ("ancestral", "posterior", "ar")
+    #: Algorithm 3, the sampler ``hdlm sample`` runs: the discrete bound certifies it by default
+    default_kernel = "ancestral"
 
     def __init__(self, N: int, noise: NoiseSchedule, epsilon: float, lam: float = 1.0):
         super().__init__(N, noise)
@@ -169,11 +170,21 @@ class EpsilonHybrid(Process):
         last step where it becomes ŷ ~ p̂ (it may be a substitution). For eps = 0 a revealed v is only
         consistent with ŷ = v, so it stays: the kernel is then MDLM's ancestral sampler (Algorithm 3).
         """
+        return self._mean_kernel(raw, x, s_now, s_next, self.epsilon)
+
+    def kernel_ancestral(self, raw: Tensor, x: Tensor, s_now, s_next) -> Tensor:
+        """Algorithm 3's kernel (:class:`~hdlm.sampling.samplers.AncestralSampler` at η = 0): a MASK is
+        revealed with p_transfer to p̂ = softmax(raw), revealed tokens stay. It is :meth:`kernel_posterior`
+        at ε = 0; for ε > 0 the discrete bound certifies it against the absorbing chain (variational
+        "auto" = "absorb"), whose trajectories never hold a substituted token."""
+        return self._mean_kernel(raw, x, s_now, s_next, 0.0)
+
+    def _mean_kernel(self, raw: Tensor, x: Tensor, s_now, s_next, eps: float) -> Tensor:
+        """Σ_ŷ q_ε(x_s | x_t, ŷ) softmax(raw)(ŷ) for the substitution rate ``eps`` (see :meth:`kernel_posterior`)."""
         N = self.N
         s_now, s_next = levels64(s_now, x), levels64(s_next, x)
         p_hat = torch.softmax(raw, dim=-1)
         final = (s_next == 0).unsqueeze(-1)
-        eps = self.epsilon
         revealed_value = torch.where(final, p_hat, (1.0 - eps) * p_hat + eps / N)
         transfer = self.transfer_prob(s_now, s_next).to(raw.dtype).unsqueeze(-1)
         from_mask = torch.cat([transfer * revealed_value, 1.0 - transfer], dim=-1)

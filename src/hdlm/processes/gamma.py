@@ -67,8 +67,7 @@ class GammaHybrid(Process):
     """
 
     family = "score"
-    kernels = ("analytic", "euler", "ar")
-    default_kernel = "analytic"
+    kernels = ("analytic", "euler", "posterior", "ar")
 
     def __init__(self, N: int, noise: NoiseSchedule, gamma: float, parametrisation: str = "subs"):
         super().__init__(N, noise)
@@ -78,6 +77,9 @@ class GammaHybrid(Process):
             raise HDLMError(f"gamma-hybrid: parametrisation = {parametrisation!r} must be one of "
                             f"{', '.join(PARAMETRISATIONS)}")
         self.gamma = float(gamma)
+        # 0 < γ < 1: the full-support posterior-mean kernel (the analytic step, the paper's sampler,
+        # clamps and its discrete bound is then infinite; bench/RESULTS.md compares the two); γ = 0, 1: analytic
+        self.default_kernel = "posterior" if 0.0 < self.gamma < 1.0 else "analytic"
         # "sedd": raw outputs are SEDD / official scale_by_sigma log-ratios (hdlm.sedd_score)
         self.parametrisation = parametrisation
 
@@ -368,6 +370,50 @@ class GammaHybrid(Process):
     def kernel_euler(self, raw: Tensor, x: Tensor, s_now, s_next) -> Tensor:
         """The Euler kernel from raw outputs."""
         return self.euler_probs(self.log_score(raw, x, s_now), x, s_now, s_next)
+
+    def kernel_posterior(self, raw: Tensor, x: Tensor, s_now, s_next) -> Tensor:
+        """The posterior-mean kernel p_θ(x_s | x_t) = Σ_ŷ q(x_s | x_t, ŷ) p̂(ŷ | x_t), (..., N+1).
+
+        q is the exact posterior of the level chain (Eq. 7g's absorbing ⊕ uniform operator, Bayes;
+        :meth:`Process.posterior`); p̂ is :meth:`clean_probs`. The ŷ sum is O(N) work:
+        p(z) = q(x_t at s_now | z at s_next) · [exp(c(s_next) Q_γ) w]_z with w_ŷ = p̂(ŷ) / q(x_t | ŷ).
+        Nothing is clamped: every state the chain can reach from a ŷ with p̂(ŷ) > 0 keeps probability
+        > 0 (the discrete bound with this kernel is finite), and at the last step (s_next = 0) the
+        kernel is p̂ itself, so MASK never survives. For γ = 0 it is MDLM's ancestral step.
+        """
+        n = self.N
+        s_now, s_next = levels64(s_now, x), levels64(s_next, x)
+        p_hat, q_x = self.clean_probs(raw, x, s_now)
+        w = torch.where(q_x > 0, p_hat / torch.where(q_x > 0, q_x, torch.ones_like(q_x)), torch.zeros_like(q_x))
+        prior = self.apply_exp(torch.cat([w, torch.zeros_like(w[..., :1])], -1), self._chain_noise(s_next).to(w.dtype))
+        delta = (self._chain_noise(s_now) - self._chain_noise(s_next)).clamp_min(0.0).to(w.dtype)
+        probs = self.exp_row(x, delta) * prior
+        total = probs.sum(-1, keepdim=True)
+        stay = one_hot(x, n + 1, probs.dtype)
+        return torch.where(total > 0, probs / torch.where(total > 0, total, torch.ones_like(total)), stay)
+
+    def clean_probs(self, raw: Tensor, x: Tensor, s_now) -> tuple[Tensor, Tensor]:
+        """(p̂(ŷ | x_t), q(x_t at s_now | ŷ)) over the real ŷ, (..., N) each: the model's clean token.
+
+        p̂ = (1 − κ) D + κ m̃, κ = 1 − e^{−γ c(s_now)} (the chance the uniform part has redrawn the
+        token by s_now). D is the Tweedie denoiser (:meth:`denoise_probs`: exact Bayes from exact
+        scores, but it clamps negative weights to 0); m̃ ∝ m_ŷ q(x_t | ŷ) is the model's real-token
+        distribution m = softmax(real log-scores) conditioned on x_t (m models the noisy token, which
+        differs from the clean one by the uniform part). D = m̃ for γ = 0; for γ > 0 the κ part gives
+        every ŷ consistent with x_t positive weight, at an O(κ²) cost from exact scores.
+        """
+        n = self.N
+        s_now = levels64(s_now, x)
+        c_now = self._chain_noise(s_now).to(raw.dtype)
+        log_score = self.log_score(raw, x, s_now.to(raw.dtype))
+        q_x = self.exp_row(x, c_now)[..., :n]
+        m = torch.softmax(log_score[..., :n], dim=-1) * q_x
+        m = m / m.sum(-1, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
+        if self.gamma == 0.0:
+            return m, q_x
+        kappa = -torch.expm1(-self.gamma * c_now).unsqueeze(-1)
+        tweedie = self.analytic_probs(log_score, x, s_now.to(raw.dtype), torch.zeros_like(s_now, dtype=raw.dtype))
+        return (1.0 - kappa) * tweedie[..., :n] + kappa * m, q_x
 
     def denoise_probs(self, log_score: Tensor, x: Tensor, s_now) -> Tensor:
         """The last step to noise 0: :meth:`analytic_probs` with s_next = 0 (no MASK left)."""

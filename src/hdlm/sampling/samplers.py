@@ -403,7 +403,8 @@ def make_sampler(name: str, process, *, hyperschedule=None, eta: float = 0.01, t
     """A sampler by name (``SAMPLERS``).
 
     "auto" is "ar" when the hyperschedule has a single level (Quench: the model is an AR model),
-    else the process's default kernel ("analytic" for the γ family, "ancestral" for the ε family).
+    else the process's default kernel (γ family: "posterior" for 0 < γ < 1, "analytic" for γ = 0, 1),
+    or "ancestral" for the ε family.
     "ancestral" and "acs" (with ``eta`` = η) are Algorithms 3 and 4 of the ε family; "ar" draws
     from softmax(raw); any other name is one of the process's reverse kernels (``process.kernels``).
     """
@@ -414,7 +415,7 @@ def make_sampler(name: str, process, *, hyperschedule=None, eta: float = 0.01, t
         if hyperschedule is not None and hyperschedule.levels == 1:
             name = "ar"
         else:
-            name = "analytic" if family == "score" else "ancestral"
+            name = process.default_kernel if family == "score" else "ancestral"
     categorical = Categorical(temperature=temperature, top_k=top_k, top_p=top_p, method=method, float64=float64)
     if name in ("ancestral", "acs"):
         if family != "mean":
@@ -427,6 +428,6 @@ def make_sampler(name: str, process, *, hyperschedule=None, eta: float = 0.01, t
                             f"not {hyperschedule.kind} with {hyperschedule.levels} levels (use --sampler auto)")
         return ARSampler(process, categorical)
     if name not in process.kernels:
-        offered = ("ancestral", "acs", *process.kernels) if family == "mean" else process.kernels
+        offered = dict.fromkeys(("ancestral", "acs", *process.kernels) if family == "mean" else process.kernels)
         raise HDLMError(f"sampler '{name}': {type(process).__name__} ({family} family) offers {', '.join(offered)}")
     return KernelSampler(process, categorical, kernel=name)
