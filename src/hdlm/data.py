@@ -435,6 +435,10 @@ class TokenDataset(torch.utils.data.Dataset):
         """``(len(indices), d)`` LongTensor of the given blocks, in order."""
         return torch.from_numpy(self.blocks[np.asarray(indices, dtype=np.int64)].astype(np.int64))
 
+    def head(self, n: int | None) -> torch.Tensor:
+        """The first ``n`` blocks (all of them when ``n`` is None or larger), a ``(min(n, len), d)`` LongTensor."""
+        return self.gather(range(len(self) if n is None else min(len(self), int(n))))
+
 
 # -------------------------------------------------------------------------------------------
 # entry point for training / evaluation

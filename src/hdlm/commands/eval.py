@@ -110,6 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_schedule_options(ppl, "to evaluate under: ")
     ppl.add_argument("--batch-size", type=int, default=8, metavar="B",
                      help="sequences per forward pass (default 8)")
+    ppl.add_argument("--max-sequences", type=int, default=None, metavar="N",
+                     help="evaluate the first N sequences of the data only (default: all)")
     ppl.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the Monte-Carlo draws (default 0)")
     ppl.add_argument("--device", default=None, metavar="DEV", help="auto | cpu | cuda | cuda:K (default auto)")
     ppl.add_argument("--json", metavar="OUT", default=None,
@@ -271,7 +273,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     from ..runtime import resolve_device, setup_distributed
 
     for value, flag, low in ((args.batch_size, "--batch-size", 1), (args.mc_samples, "--mc-samples", 1),
-                             (args.seed, "--seed", 0)):
+                             (args.seed, "--seed", 0), (args.max_sequences, "--max-sequences", 1)):
         check_at_least(value, flag, low)
     check_output_path(args.json, "--json")
     dist = setup_distributed(args.device or "auto")
@@ -279,7 +281,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     pre = load_pretrained(args.checkpoint, device=device)  # a folder, a run folder, an official checkpoint, a Hub id
     model, cfg, tokenizer = pre.model, pre.config, pre.tokenizer
     data_cfg, split, label = resolve_data_spec(args.data, cfg.data, getattr(args, "detokenize", "auto"))
-    dataset = load_split(data_cfg, split, tokenizer, cfg.model.length)
+    dataset = load_split(data_cfg, split, tokenizer, cfg.model.length).head(args.max_sequences)
     schedule = from_config(cfg.schedule, cfg.model.length, kind=args.schedule, width=args.width, rho=args.rho,
                            steps=args.steps)
     result = perplexity_bound(model, cfg, dataset, estimator=args.estimator, mc_samples=args.mc_samples,
