@@ -162,6 +162,7 @@ CLI_CASES = [
     ("eval ppl --checkpoint {R}/run --data {R}/nosuch.txt", "nosuch.txt"),
     ("eval ppl --checkpoint {R}/run --device tpu", "tpu"),
     ("eval ppl --checkpoint {R}/run --seed -3", "--seed -3"),
+    ("eval ppl --checkpoint {R}/run --max-sequences 0", "--max-sequences 0"),
     ("eval ppl --checkpoint {R}/run --batch-size 0", "--batch-size 0"),
     ("eval ppl --checkpoint {R}/run --mc-samples 0", "--mc-samples 0"),
     ("eval ppl --checkpoint {R}/run --json {R}/folder", "--json"),

@@ -57,6 +57,17 @@ def test_png(capsys, tmp_path):
     assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_png_path_printed_is_the_file_written(capsys, tmp_path):
+    """`--png fx` writes fx.png (matplotlib appends the suffix) and says fx.png, not fx (issue #12 item 10)."""
+    rc, out, _ = run_cli(capsys, "--kind", "block", "--length", "8", "--width", "4", "--png", str(tmp_path / "fx"))
+    assert rc == 0 and out.strip() == str(tmp_path / "fx.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["fx.png"]
+    assert (tmp_path / "fx.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rc, out, err = run_cli(capsys, "--kind", "block", "--length", "8", "--width", "4", "--png", str(tmp_path / "fx.txt"))
+    assert rc == 2 and "fx.txt" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "fx.txt").exists()
+
+
 @pytest.mark.parametrize("argv,word", [
     (["--kind", "block", "--length", "8", "--width", "0"], "width"),
     (["--kind", "slide", "--length", "8", "--width", "9"], "width"),

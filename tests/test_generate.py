@@ -255,15 +255,15 @@ def test_cli_sample_json_out_and_trace(checkpoint, tmp_path, capsys):
     args = ["sample", "--checkpoint", str(checkpoint), "--num-samples", "2", "--prompt", "hello", "--seed", "1",
             "--json", "--no-progress"]
     assert cli_main(args) == 0
-    first = json.loads(capsys.readouterr().out)
-    assert len(first["samples"]) == 2 and first["prompt_tokens"] == 1
-    assert all(s["text"].startswith("hello") and len(s["ids"]) == 16 for s in first["samples"])
-    assert first["steps"] == 8 and first["n_model_calls"] == 8 and first["tokens_per_s"] > 0
-    out = tmp_path / "s.json"
+    first = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(first) == 2 and all(s["prompt_length"] == 1 and s["seed"] == 1 for s in first)
+    assert all(s["text"].startswith("hello") and len(s["token_ids"]) == 16 for s in first)
+    assert first[0]["sampler"]["hyperschedule"]["T"] == 8 and first[0]["sampler"]["name"] == "posterior"
+    out = tmp_path / "s.jsonl"
     png = tmp_path / "trace.png"
     assert cli_main(args + ["--no-kv-cache", "--out", str(out), "--trace", str(png)]) == 0
-    again = json.loads(out.read_text())
-    assert [s["ids"] for s in again["samples"]] == [s["ids"] for s in first["samples"]]
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [s["token_ids"] for s in again] == [s["token_ids"] for s in first]
     assert png.exists() and png.stat().st_size > 1000
     assert cli_main(["sample", "--checkpoint", str(checkpoint), "--num-samples", "1", "--schedule", "slide",
                      "--width", "4", "--sampler", "euler", "--top-p", "0.9", "--draw", "float32-gumbel", "--no-progress"]) == 0
@@ -318,12 +318,12 @@ def test_schedule_overrides_agree_between_sample_and_eval_ppl(tmp_path, capsys):
     text.write_text("\n".join(f"the cat sat on the mat number {i} ." for i in range(8)) + "\n")
     for flags in (["--schedule", "slide"], ["--schedule", "slide", "--rho", "1"], ["--schedule", "flat"],
                   ["--schedule", "quench"], ["--width", "4"]):
-        out_s, out_p = tmp_path / "s.json", tmp_path / "p.json"
-        assert main(["sample", "--checkpoint", str(checkpoint), "--num-samples", "1", "--json", "--out", str(out_s),
+        out_s, out_p = tmp_path / "s.jsonl", tmp_path / "p.json"
+        assert main(["sample", "--checkpoint", str(checkpoint), "--num-samples", "1", "--out", str(out_s),
                      "--no-progress", "--device", "cpu", *flags]) == 0
         assert main(["eval", "ppl", "--checkpoint", str(checkpoint), "--data", str(text), "--mc-samples", "1",
                      "--device", "cpu", "--json", str(out_p), *flags]) == 0
-        s = json.loads(out_s.read_text())["hyperschedule"]
+        s = json.loads(out_s.read_text())["sampler"]["hyperschedule"]
         p = json.loads(out_p.read_text())["schedule"]
         assert (s["kind"], s["T"], s["width"], s["levels"]) == (p["kind"], p["T"], p["width"], p["levels"]), flags
         if flags == ["--schedule", "slide"]:

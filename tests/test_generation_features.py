@@ -87,21 +87,25 @@ def test_parse_infill_template():
         parse_infill("[MASK:9] x", enc, 5)
 
 
+def _jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def test_cli_length_stop_bos_eos_and_infill(checkpoint, capsys):
     base = ["sample", "--checkpoint", str(checkpoint), "--num-samples", "2", "--seed", "1", "--json", "--no-progress"]
     assert cli_main(base + ["--length", "24"]) == 0  # beyond the checkpoint's d = 16
-    long = json.loads(capsys.readouterr().out)
-    assert all(len(s["ids"]) == 24 for s in long["samples"])
+    long = _jsonl(capsys.readouterr().out)
+    assert len(long) == 2 and all(len(s["token_ids"]) == 24 for s in long)
     pipe = HDLMPipeline.from_pretrained(checkpoint, device="cpu")
     eos = pipe.tokenizer.eos_id
     assert cli_main(base + ["--bos-eos", "--stop-at-eos"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["prompt_tokens"] == 1 and all(s["ids"][0] == eos and eos not in s["ids"][1:] for s in out["samples"])
+    out = _jsonl(capsys.readouterr().out)
+    assert all(s["prompt_length"] == 1 and s["token_ids"][0] == eos and eos not in s["token_ids"][1:] for s in out)
     assert cli_main(base + ["--schedule", "flat", "--steps", "4", "--infill", "hello [MASK:3] world"]) == 0
-    filled = json.loads(capsys.readouterr().out)
+    filled = _jsonl(capsys.readouterr().out)
     hello, world = pipe.tokenizer.encode("hello"), pipe.tokenizer.encode(" world")
-    for s in filled["samples"]:
-        assert s["ids"][:1] == hello and s["ids"][4:5] == world and len(s["ids"]) == 16
+    for s in filled:
+        assert s["token_ids"][:1] == hello and s["token_ids"][4:5] == world and len(s["token_ids"]) == 16
     assert cli_main(base + ["--infill", "hello [MASK:3] world"]) == 2  # block: a prefix only
     assert "only supports a prefix" in capsys.readouterr().err
     assert cli_main(base + ["--schedule", "flat", "--length", "24"]) == 2

@@ -122,10 +122,11 @@ def test_cli_sample_by_repo_id(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
     assert main(["sample", "--checkpoint", "hdlm-group/hdlm-fixture-gamma", "--num-samples", "2", "--seed", "1",
                  "--json", "--no-progress"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    ids = [s["ids"] for s in out["samples"]]
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    ids = [s["token_ids"] for s in out]
     assert len(ids) == 2 and all(len(row) == 16 and max(row) < 61 for row in ids)
-    assert out["hyperschedule"]["kind"] == "block" and out["hyperschedule"]["levels"] == 7  # tau 8 -> 7 levels
+    hs = out[0]["sampler"]["hyperschedule"]
+    assert hs["kind"] == "block" and hs["levels"] == 7  # tau 8 -> 7 levels
     assert main(["sample", "--checkpoint", "hdlm-group/not-cached", "--no-progress"]) == 2
     assert "is not in the Hugging Face cache" in one_error_line(capsys)
 

@@ -464,3 +464,20 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
     bad = build_parser().parse_args(["eval", "ppl", "--checkpoint", str(ckpt), "--data", "hf:no_such_dataset_xyz:test"])
     with pytest.raises(HDLMError, match="no_such_dataset_xyz"):
         run_ppl(bad)
+
+    # --max-sequences N: the first N sequences only, the same draws as the bound on those N by hand
+    from hdlm.data import load_split
+    from hdlm.hub import load_pretrained
+
+    args = build_parser().parse_args(["eval", "ppl", "--checkpoint", str(ckpt), "--data", str(text), "--mc-samples", "8",
+                                      "--schedule", "flat", "--steps", "4", "--batch-size", "4", "--seed", "0",
+                                      "--max-sequences", "2", "--json", str(out)])
+    assert run_ppl(args) == 0
+    two = json.loads(out.read_text())
+    pre = load_pretrained(ckpt)
+    data_cfg, split, _ = resolve_data_spec(str(text), pre.config.data, "auto")
+    blocks = load_split(data_cfg, split, pre.tokenizer, 8)
+    assert len(blocks) > 2 and two["n_sequences"] == 2 and two["n_tokens"] == 16
+    ref = perplexity_bound(pre.model, pre.config, blocks.gather([0, 1]), mc_samples=8, schedule=flat(8, 4),
+                           batch_size=4, seed=0, progress=False)
+    assert two["nll_per_token"] == pytest.approx(ref.nll_per_token, rel=1e-12)

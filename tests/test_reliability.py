@@ -220,3 +220,27 @@ def test_user_guide_lists_exactly_the_resumable_fields():
     named = set(re.findall(r"`([a-z_.*]+)`", para.replace("/", "` `")))
     want = {r[len("train."):] for r in RESUMABLE if r.startswith("train.")} - {"out_dir"}
     assert {n.split(".")[-1] for n in named if n != "sample.*"} == want and "sample.*" in named
+
+
+# --------------------------------------------------------------------------------------------
+# item 11: a missing validation file is reported before any work
+
+
+def test_missing_valid_file_is_one_line_before_training_starts(assets, tmp_path, monkeypatch, capsys):
+    """`data.dataset = DIR/{split}.txt` with no valid.txt: exit 2 naming valid.txt, before the tokenizer
+    is even loaded (on main it surfaced only after the train split was tokenized), no run folder."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "train.txt").write_text(Path(assets["text"]).read_text())
+    run = tmp_path / "run"
+    cfg = small_config(assets, run, **{"data.dataset": str(folder / "{split}.txt"),
+                                       "data.cache_dir": str(tmp_path / "cache")})
+
+    def no_work(*a, **k):
+        raise AssertionError("the tokenizer was loaded before the data files were checked")
+
+    monkeypatch.setattr(train_mod, "load_tokenizer", no_work)
+    assert main(["train", "--config", _write(cfg, tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(folder / "valid.txt") in err[0] and "not found" in err[0], err
+    assert not run.exists() and not (tmp_path / "cache").exists()

@@ -435,9 +435,22 @@ class TokenDataset(torch.utils.data.Dataset):
         """``(len(indices), d)`` LongTensor of the given blocks, in order."""
         return torch.from_numpy(self.blocks[np.asarray(indices, dtype=np.int64)].astype(np.int64))
 
+    def head(self, n: int | None) -> torch.Tensor:
+        """The first ``n`` blocks (all of them when ``n`` is None or larger), a ``(min(n, len), d)`` LongTensor."""
+        return self.gather(range(len(self) if n is None else min(len(self), int(n))))
+
 
 # -------------------------------------------------------------------------------------------
 # entry point for training / evaluation
+
+
+def check_splits(data_cfg: "DataConfig", splits: Sequence[str]) -> None:
+    """Every split's source exists (a missing ``valid.txt`` of a ``{split}.txt`` dataset is one
+    line before the run starts, not at the first validation); cheap: nothing is read or tokenized."""
+    source = parse_source(data_cfg.dataset, data_cfg.text_field, getattr(data_cfg, "holdout", OWT_HOLDOUT),
+                          getattr(data_cfg, "detokenizer", "none"))
+    for split in splits:
+        source.fingerprint(split)
 
 
 def load_split(data_cfg: "DataConfig", split: str, tokenizer: "Tokenizer", d: int,
@@ -460,5 +473,5 @@ def load_split(data_cfg: "DataConfig", split: str, tokenizer: "Tokenizer", d: in
 
 
 __all__ = ["OWT_HOLDOUT", "SPLITS", "Source", "parse_source", "iter_documents", "pack_stream", "pack_blocks",
-           "stream_dtype", "load_token_stream", "TokenDataset", "BatchIterator", "load_split",
+           "stream_dtype", "load_token_stream", "TokenDataset", "BatchIterator", "load_split", "check_splits",
            "canonical_split", "nonempty_lines"]

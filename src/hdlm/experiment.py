@@ -125,8 +125,8 @@ def _bounds(pipe, plan: ExperimentPlan, log: Callable[[str], None]) -> dict:
     mcfg = pipe.config
     data_cfg, split, label = resolve_data_spec(plan.eval_data, mcfg.data)
     dataset = load_split(data_cfg, split, pipe.tokenizer, mcfg.model.length)
-    n = len(dataset) if plan.eval_sequences is None else min(len(dataset), plan.eval_sequences)
-    data = dataset.gather(range(n))
+    data = dataset.head(plan.eval_sequences)
+    n = data.shape[0]
     bounds = {}
     for est in plan.estimators:
         t1 = time.perf_counter()

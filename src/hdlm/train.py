@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .checkpoint import Checkpoint, load_weights, save_checkpoint
 from .config import Config, TrainConfig
-from .data import BatchIterator, load_split
+from .data import BatchIterator, check_splits, load_split
 from .errors import HDLMError
 from .faults import crash_point
 from .resume import restore, resume_changes, resume_point
@@ -201,6 +201,7 @@ def setup(cfg: Config, resume: str | None = None, dist: Dist | None = None) -> T
     """Everything a run needs, validated before the first step; resumed exactly from ``resume``."""
     dist = dist or Dist()
     tc = cfg.train
+    check_splits(cfg.data, (cfg.data.train_split, cfg.data.valid_split))
     device = resolve_device(tc.device, dist.local_rank, name="config train.device")
     if device.type == "cuda":
         torch.cuda.set_device(device)

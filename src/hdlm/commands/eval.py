@@ -9,10 +9,11 @@ Examples::
     hdlm eval ppl --checkpoint runs/owt --data wikitext103       # zero-shot, detokenized as SEDD/MDLM
     hdlm eval harness --checkpoint runs/ptb --tasks lambada_openai --limit 100
 
-Sample files: ``.jsonl`` with one object per line, a ``"text"`` field and optionally
-``"token_ids"`` (the generator's tokens; token entropy is computed on them when every sample has
-them, else on the judge's tokens); any other file is text with one sample per blank-line-separated
-block.
+Sample files: the one samples format of :mod:`hdlm.sample_file` that ``hdlm sample --out
+FILE.jsonl`` writes (JSONL, one sample per line: ``text``, ``token_ids``, ``prompt_length``,
+``sampler``, ``seed``, ``checkpoint``; token entropy is computed on the generator's ``token_ids``
+when every sample has them, else on the judge's tokens), or a ``.txt`` file with one sample per
+blank-line-separated block; any other file is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -29,7 +29,9 @@ from typing import Any
 from ..config import ESTIMATORS, VARIATIONAL_CHAINS
 from ..errors import HDLMError
 from ..evaluation.datasets import DETOKENIZE_CHOICES  # no torch there: --help stays light
+from ..sample_file import SAMPLES_SUFFIX, read_samples, write_samples
 from . import add_schedule_options, check_at_least, check_judge, check_output_path
+from .sample import add_sampler_options, generate_samples, load_pipeline
 
 DEFAULT_CACHE = ".hdlm_cache"
 DEFAULT_REFERENCE = "ptb:test"
@@ -47,13 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                      "judge LM (both aggregation conventions), token entropy, MAUVE.")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", metavar="FILE",
-                     help="samples to judge: .jsonl with 'text' (and optional 'token_ids') fields, or a text "
-                          "file with one sample per blank-line-separated block")
+                     help="samples to judge: a .jsonl samples file as `hdlm sample --out FILE.jsonl` writes "
+                          "(one sample per line), or a .txt file with one sample per blank-line-separated block")
     src.add_argument("--checkpoint", metavar="DIR|ORG/NAME",
                      help="sample from this checkpoint (folder or Hub id) first, then judge the samples")
     gen.add_argument("--num-samples", type=int, default=None, metavar="N",
                      help="with --checkpoint: how many samples to generate (default: the sampler's)")
     add_schedule_options(gen, "with --checkpoint: ")
+    add_sampler_options(gen, "with --checkpoint: ")
     gen.add_argument("--save-samples", metavar="FILE", default=None,
                      help="with --checkpoint: also write the generated samples to this .jsonl file")
     gen.add_argument("--judge", default=None, metavar="SPEC",
@@ -111,6 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_schedule_options(ppl, "to evaluate under: ")
     ppl.add_argument("--batch-size", type=int, default=8, metavar="B",
                      help="sequences per forward pass (default 8)")
+    ppl.add_argument("--max-sequences", type=int, default=None, metavar="N",
+                     help="evaluate the first N sequences of the data only (default: all)")
     ppl.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the Monte-Carlo draws (default 0)")
     ppl.add_argument("--device", default=None, metavar="DEV", help="auto | cpu | cuda | cuda:K (default auto)")
     ppl.add_argument("--json", metavar="OUT", default=None,
@@ -125,39 +130,6 @@ def run(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------------------
 # files
-
-
-def read_samples(path: str | Path) -> list[dict]:
-    """Samples as ``{"text": str, "token_ids": list[int] | None}`` from a .jsonl or text file."""
-    path = Path(path)
-    if not path.is_file():
-        raise HDLMError(f"samples file '{path}' not found")
-    records = []
-    if path.suffix == ".jsonl":
-        from ..data import iter_jsonl
-
-        for n, obj in iter_jsonl(path):
-            if not isinstance(obj.get("text"), str):
-                raise HDLMError(f"{path}:{n}: expected an object with a string 'text' field")
-            ids = obj.get("token_ids")
-            if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
-                raise HDLMError(f"{path}:{n}: 'token_ids' must be a list of integers")
-            records.append({"text": obj["text"], "token_ids": ids})
-    else:
-        try:
-            blocks = re.split(r"\n[ \t]*\n", path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise HDLMError(f"samples file '{path}' is not UTF-8 text (byte {e.start})") from None
-        records = [{"text": b.strip("\n"), "token_ids": None} for b in blocks if b.strip()]
-    if not records:
-        raise HDLMError(f"samples file '{path}' holds no samples")
-    return records
-
-
-def write_samples(path: str | Path, records: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps({"text": r["text"], "token_ids": r.get("token_ids")}) + "\n")
 
 
 def reference_texts(spec: str, n: int, words: int) -> list[str]:
@@ -196,13 +168,9 @@ def reference_texts(spec: str, n: int, words: int) -> list[str]:
 
 
 def _sample_from_checkpoint(args: argparse.Namespace) -> list[dict]:
-    """``eval gen --checkpoint``: samples [{"text", "token_ids"}] from :class:`hdlm.sampling.HDLMPipeline`."""
-    from ..sampling.pipeline import HDLMPipeline
-
-    pipe = HDLMPipeline.from_pretrained(args.checkpoint, device=args.device)
-    result = pipe.generate_ids(args.num_samples, schedule=args.schedule, width=args.width, rho=args.rho,
-                               steps=args.steps, seed=args.seed, progress=True)
-    return [{"text": text, "token_ids": ids} for text, ids in zip(pipe.decode(result.tokens), result.tokens.tolist())]
+    """``eval gen --checkpoint``: sample records with the schedule and sampler options, as ``hdlm sample``."""
+    pipe, sha = load_pipeline(args.checkpoint, args.device)
+    return generate_samples(args, pipe, sha, num_samples=args.num_samples, progress=True)[1]
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -227,6 +195,14 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_gen_outputs(args: argparse.Namespace) -> None:
+    """``eval gen``'s output files can be written; ``--save-samples`` names a samples (.jsonl) file."""
+    for path, flag in ((args.json, "--json"), (args.markdown, "--markdown"), (args.save_samples, "--save-samples")):
+        check_output_path(path, flag)
+    if args.save_samples and Path(args.save_samples).suffix != SAMPLES_SUFFIX:
+        raise HDLMError(f"--save-samples '{args.save_samples}': samples are JSONL; name the file {SAMPLES_SUFFIX}")
+
+
 def run_gen(args: argparse.Namespace) -> int:
     from .._version import __version__
     from ..evaluation.judge import load_judge
@@ -236,8 +212,7 @@ def run_gen(args: argparse.Namespace) -> int:
                              (args.seed, "--seed", 0), (args.num_buckets, "--num-buckets", 2),
                              (args.max_length, "--max-length", 1)):
         check_at_least(value, flag, low)
-    for path, flag in ((args.json, "--json"), (args.markdown, "--markdown"), (args.save_samples, "--save-samples")):
-        check_output_path(path, flag)
+    _check_gen_outputs(args)
     check_judge(args.judge)
     if args.samples:
         records = read_samples(args.samples)
@@ -302,7 +277,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     from ..runtime import resolve_device, setup_distributed
 
     for value, flag, low in ((args.batch_size, "--batch-size", 1), (args.mc_samples, "--mc-samples", 1),
-                             (args.seed, "--seed", 0)):
+                             (args.seed, "--seed", 0), (args.max_sequences, "--max-sequences", 1)):
         check_at_least(value, flag, low)
     check_output_path(args.json, "--json")
     dist = setup_distributed(args.device or "auto")
@@ -310,7 +285,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     pre = load_pretrained(args.checkpoint, device=device)  # a folder, a run folder, an official checkpoint, a Hub id
     model, cfg, tokenizer = pre.model, pre.config, pre.tokenizer
     data_cfg, split, label = resolve_data_spec(args.data, cfg.data, getattr(args, "detokenize", "auto"))
-    dataset = load_split(data_cfg, split, tokenizer, cfg.model.length)
+    dataset = load_split(data_cfg, split, tokenizer, cfg.model.length).head(args.max_sequences)
     schedule = from_config(cfg.schedule, cfg.model.length, kind=args.schedule, width=args.width, rho=args.rho,
                            steps=args.steps)
     result = perplexity_bound(model, cfg, dataset, estimator=args.estimator, mc_samples=args.mc_samples,

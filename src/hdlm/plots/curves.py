@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import HDLMError
+from . import figure_path
 
 
 def read_metrics(metrics_jsonl: str | Path) -> list[dict]:
@@ -52,7 +53,7 @@ def plot_curves(metrics_jsonl: str | Path, path: str | Path) -> Path:
     ax_lr.set_xlabel("optimizer step")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
+    path = figure_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from . import figure_path
 
 
 def plot_pareto(rows: list[dict], front: list[bool], path: str | Path, title: str = "") -> Path | None:
@@ -37,7 +38,7 @@ def plot_pareto(rows: list[dict], front: list[bool], path: str | Path, title: st
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
+    path = figure_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

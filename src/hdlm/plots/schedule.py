@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
+from . import figure_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..hyperschedule import Hyperschedule
@@ -20,7 +21,7 @@ def plot_hyperschedule(hs: "Hyperschedule", path: str | Path, title: str | None 
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    path = Path(path)
+    path = figure_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     noise = (hs.table.double() / hs.levels).numpy()
     # Keep tiny tables legible and huge ones bounded.

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from . import figure_path
 
 WORTHLESS, ACTIVE_MASK, ACTIVE, SETTLED, CHANGED = range(5)
 COLOURS = ["#4a4a4a", "#d9d9d9", "#bcd7f0", "#e8c15a", "#d9402b"]
@@ -58,7 +59,7 @@ def plot_trace(result, path: str | Path, *, mask_id: int, sample: int = 0,
     tokens, role = trace_grid([s.numpy() if hasattr(s, "numpy") else s for s in states], splits, mask_id)
     rows, d = role.shape
 
-    path = Path(path)
+    path = figure_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = d <= MAX_TEXT_D and rows <= MAX_TEXT_ROWS
     w = min(24.0, max(4.0, (0.55 if text else 0.12) * d + 2.0))
