@@ -25,3 +25,28 @@ def char_tokenizer_dir(folder):
     folder.mkdir(parents=True, exist_ok=True)
     tk.save(str(folder / "tokenizer.json"))
     return folder
+
+
+def tiny_bert_checkpoint(folder):
+    """A pretrained folder: tiny γ-hybrid Block model over the bert-base-uncased vocabulary (random weights,
+    scaled up so that samples differ by seed)."""
+    import torch
+
+    from hdlm.checkpoint import save_pretrained
+    from hdlm.config import Config, DataConfig, ModelConfig, ProcessConfig, SampleConfig, ScheduleConfig
+    from hdlm.model import HDLMTransformer
+    from hdlm.tokenizers import load_tokenizer
+
+    tok = load_tokenizer("bert-base-uncased")
+    cfg = Config(model=ModelConfig(vocab_size=tok.vocab_size, length=16, n_layers=1, hidden=16, n_heads=2,
+                                   mlp_ratio=2, cond_dim=8, dropout=0.0, pad_vocab_to=64),
+                 process=ProcessConfig(kind="gamma", gamma=0.05),
+                 schedule=ScheduleConfig(kind="block", width=4, rho=2.0),
+                 data=DataConfig(tokenizer="bert-base-uncased"),
+                 sample=SampleConfig(num_samples=3, batch_size=2, seed=7))
+    torch.manual_seed(0)
+    model = HDLMTransformer(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return save_pretrained(model, cfg, tok.identity(), folder / "tiny")

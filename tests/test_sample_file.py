@@ -12,6 +12,7 @@ import math
 from collections import Counter
 
 import pytest
+from conftest import tiny_bert_checkpoint
 import torch
 
 from hdlm.cli import main
@@ -23,23 +24,8 @@ from hdlm.sample_file import SAMPLE_KEYS, read_samples
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A tiny γ-hybrid Block model over the bert-base-uncased vocabulary (random weights)."""
-    from hdlm.checkpoint import save_pretrained
-    from hdlm.tokenizers import load_tokenizer
-
-    tok = load_tokenizer("bert-base-uncased")
-    cfg = Config(model=ModelConfig(vocab_size=tok.vocab_size, length=16, n_layers=1, hidden=16, n_heads=2,
-                                   mlp_ratio=2, cond_dim=8, dropout=0.0, pad_vocab_to=64),
-                 process=ProcessConfig(kind="gamma", gamma=0.05),
-                 schedule=ScheduleConfig(kind="block", width=4, rho=2.0),
-                 data=DataConfig(tokenizer="bert-base-uncased"),
-                 sample=SampleConfig(num_samples=3, batch_size=2, seed=7))
-    torch.manual_seed(0)
-    model = HDLMTransformer(cfg.model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return save_pretrained(model, cfg, tok.identity(), tmp_path_factory.mktemp("ckpt") / "tiny")
+    """A tiny γ-hybrid Block model over the bert-base-uncased vocabulary (random weights). (conftest.tiny_bert_checkpoint)"""
+    return tiny_bert_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def _weights_sha(folder) -> str:
