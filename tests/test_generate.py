@@ -14,7 +14,7 @@ from conftest import tiny_bert_checkpoint
 import torch
 
 from hdlm.cli import main as cli_main
-from hdlm.config import Config, DataConfig, ModelConfig, ProcessConfig, SampleConfig, ScheduleConfig
+from hdlm.config import Config, DataConfig, ModelConfig, ScheduleConfig
 from hdlm.errors import HDLMError
 from hdlm.hyperschedule import block, flat, quench, slide
 from hdlm.model import HDLMTransformer

@@ -13,12 +13,9 @@ from collections import Counter
 
 import pytest
 from conftest import tiny_bert_checkpoint
-import torch
 
 from hdlm.cli import main
-from hdlm.config import Config, DataConfig, ModelConfig, ProcessConfig, SampleConfig, ScheduleConfig
 from hdlm.errors import HDLMError
-from hdlm.model import HDLMTransformer
 from hdlm.sample_file import SAMPLE_KEYS, read_samples
 
 
