@@ -60,7 +60,7 @@ def test_nonfinite_loss_stops_with_one_line_and_keeps_last_finite_checkpoint(ass
     run = tmp_path / "run"
     cfg = small_config(assets, run, **{"train.steps": 8, "train.save_every": 2, "train.eval_every": 2})
     _nan_from(monkeypatch, 5)
-    assert main(["train", "--config", _write(cfg, tmp_path / "c.yaml")]) == 2
+    assert main(["train", "--config", _write(cfg, tmp_path / "c.yaml"), "--no-progress"]) == 2  # stderr: the error only
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "step 5: non-finite loss nan" in err[0] and "step-00000004" in err[0], err
     assert "train.max_nonfinite_skips = 0" in err[0]
@@ -125,7 +125,7 @@ def _rows(run_dir) -> list[dict]:
 def test_resume_applies_lr_override_and_refuses_fixed_fields(assets, tmp_path, capsys):
     run = tmp_path / "run"
     cfg = small_config(assets, run, **{"train.steps": 6, "train.lr_schedule": "constant", "train.warmup": 0})
-    train_mod.train(cfg, stop_after=2)
+    train_mod.train(cfg, stop_after=2, progress=False)
     for bad, field in (("model.hidden=64", "model.hidden"), ("train.seed=3", "train.seed"),
                        ("train.batch_size=8", "train.batch_size"), ("process.kind=absorb", "process.kind")):
         assert main(["train", "--resume", str(run), bad]) == 2

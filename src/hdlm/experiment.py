@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import Config
+from .progress import Progress
 
 
 @dataclass
@@ -143,8 +144,9 @@ def _samples(pipe, plan: ExperimentPlan, st: SampleSetting, k: int, judge, out: 
     from .evaluation.quality import generative_perplexity, token_entropy
 
     log(f"sampling {plan.num_samples} x {pipe.length} tokens ({st.label}, KV cache)")
-    gen = pipe.generate_ids(plan.num_samples, sampler=st.sampler, rho=st.rho, eta=st.eta, seed=plan.sample_seed,
-                            kv_cache=True, trace=plan.trace and k == 0, progress=True)
+    with Progress(plan.num_samples, "sample", "seq") as bar:  # a progress line per batch in logs and pipes
+        gen = pipe.generate_ids(plan.num_samples, sampler=st.sampler, rho=st.rho, eta=st.eta, seed=plan.sample_seed,
+                                kv_cache=True, trace=plan.trace and k == 0, progress=True, on_batch=bar.update)
     texts = pipe.decode(gen.tokens)
     entry = {"setting": st.label, "sampler": gen.sampler, "rho": st.rho, "eta": st.eta,
              "steps": gen.steps, "model_calls": gen.n_model_calls, "wall_time": gen.wall_time,

@@ -41,6 +41,7 @@ from .backbone import build_model
 from .hub import init_checkpoint
 from .objective import Objective, build_objective
 from .optim import EMA, full_optimizer_state, full_weights, make_optimizer, no_sync, wrap_model
+from .progress import Progress
 from .runtime import (Dist, Stream, autocast, mix_seed, resolve_device, rng_state, seed_everything,
                       setup_distributed, small_seed)
 from .tokenizers import load_tokenizer
@@ -372,30 +373,30 @@ def _accumulate(window: dict, metrics: dict) -> None:
 # the loop
 
 
-def train(cfg: Config, resume: str | None = None, stop_after: int | None = None) -> dict:
+def train(cfg: Config, resume: str | None = None, stop_after: int | None = None, progress: bool = True) -> dict:
     """Train ``cfg`` (App. B.1) and return the final stats.
 
     ``resume``: a run folder or checkpoint folder; training continues in that run folder exactly
     where the checkpoint left it (model, optimizer, LR schedule, EMA, RNG, data position, metrics).
     ``cfg.train.init_from``: Stage 2, start from another checkpoint's weights (fresh optimizer).
     ``stop_after``: stop (as if killed) after this many optimizer steps of this call; for tests.
+    ``progress``: a bar on a terminal, progress lines with total and ETA on stderr elsewhere
+    (:mod:`hdlm.progress`); False: neither.
     """
     dist = setup_distributed(cfg.train.device)
     try:
         state = setup(cfg, resume, dist)
         _announce(state, resume)
-        return _loop(state, stop_after)
+        return _loop(state, stop_after, progress)
     finally:
         if dist.active and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _loop(state: TrainState, stop_after: int | None) -> dict:
+def _loop(state: TrainState, stop_after: int | None, progress: bool = True) -> dict:
     """Step, log, evaluate, checkpoint, stop: the whole run on one screen."""
-    from tqdm.auto import tqdm
-
-    tc, show = state.cfg.train, state.dist.main
-    bar = tqdm(total=tc.steps, initial=state.step, unit="step", disable=None if show else True, dynamic_ncols=True)
+    tc = state.cfg.train
+    bar = Progress(tc.steps, "train", "step", initial=state.step, enabled=progress and state.dist.main)
     try:
         return _steps(state, stop_after, bar)
     finally:
@@ -403,9 +404,8 @@ def _loop(state: TrainState, stop_after: int | None) -> dict:
         state.metrics.close()
 
 
-def _steps(state: TrainState, stop_after: int | None, bar) -> dict:
+def _steps(state: TrainState, stop_after: int | None, bar: Progress) -> dict:
     tc, show = state.cfg.train, state.dist.main
-    say = print if bar.disable else bar.write
     state.net.train()
     while state.step < tc.steps:
         metrics = train_step(state, next(state.batches).to(state.device))
@@ -418,13 +418,13 @@ def _steps(state: TrainState, stop_after: int | None, bar) -> dict:
             row = _train_row(state)
             state.metrics.log(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if show and bar.disable:
+            if show and not bar.is_bar:  # on a terminal the bar shows the loss
                 print("hdlm train: " + _log_line(row), flush=True)
         if state.step % tc.eval_every == 0 or final:
             state.last_valid = {"step": state.step, "split": "valid", **evaluate(state), "elapsed": state.elapsed()}
             state.metrics.log(state.last_valid)
             if show:
-                say("hdlm train: " + _log_line(state.last_valid))
+                bar.write("hdlm train: " + _log_line(state.last_valid))
         if state.step % tc.save_every == 0 or final:
             state.checkpoint = save(state)
         if stop_after is not None and state.step - state.start >= stop_after and not final:

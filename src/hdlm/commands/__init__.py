@@ -26,6 +26,13 @@ def add_schedule_options(parser: argparse.ArgumentParser, prefix: str = "") -> N
     parser.add_argument("--steps", type=int, default=None, metavar="T", help=f"{prefix}number of steps T (flat only)")
 
 
+def add_progress_option(parser: argparse.ArgumentParser) -> None:
+    """--no-progress: the one switch for :mod:`hdlm.progress` (bar on a terminal, lines with total and ETA
+    on stderr in logs and pipes)."""
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (terminal) or progress lines with total and ETA (logs, pipes)")
+
+
 # --------------------------------------------------------------------------------------------
 # checks every command runs before its first expensive step (issue #12: validation before work)
 

@@ -30,7 +30,7 @@ from ..config import ESTIMATORS, VARIATIONAL_CHAINS
 from ..errors import HDLMError
 from ..evaluation.datasets import DETOKENIZE_CHOICES  # no torch there: --help stays light
 from ..sample_file import SAMPLES_SUFFIX, read_samples, write_samples
-from . import add_schedule_options, check_at_least, check_judge, check_output_path
+from . import add_progress_option, add_schedule_options, check_at_least, check_judge, check_output_path
 from .sample import add_sampler_options, generate_samples, load_pipeline
 
 DEFAULT_CACHE = ".hdlm_cache"
@@ -86,6 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--json", metavar="OUT", default=None,
                      help="write all results (with the command line, seed, hdlm version, judge) to this JSON file")
     gen.add_argument("--markdown", metavar="OUT", default=None, help="also write the markdown table to this file")
+    add_progress_option(gen)
     gen.set_defaults(_eval=run_gen)
 
     ppl = sub.add_parser("ppl", help="Monte-Carlo upper bound on perplexity under any hyperschedule (Alg. 1)",
@@ -120,6 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--device", default=None, metavar="DEV", help="auto | cpu | cuda | cuda:K (default auto)")
     ppl.add_argument("--json", metavar="OUT", default=None,
                      help="write the result with its provenance to this JSON file")
+    add_progress_option(ppl)
     ppl.set_defaults(_eval=run_ppl)
     add_harness(sub)
 
@@ -170,7 +172,7 @@ def reference_texts(spec: str, n: int, words: int) -> list[str]:
 def _sample_from_checkpoint(args: argparse.Namespace) -> list[dict]:
     """``eval gen --checkpoint``: sample records with the schedule and sampler options, as ``hdlm sample``."""
     pipe, sha = load_pipeline(args.checkpoint, args.device)
-    return generate_samples(args, pipe, sha, num_samples=args.num_samples, progress=True)[1]
+    return generate_samples(args, pipe, sha, num_samples=args.num_samples, progress=not args.no_progress)[1]
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -224,7 +226,8 @@ def run_gen(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or os.environ.get("HDLM_CACHE") or DEFAULT_CACHE
     judge = load_judge(args.judge, cache_dir=cache_dir, device=args.device)
 
-    gen_ppl = generative_perplexity(texts, judge, batch_size=args.batch_size, max_length=args.max_length)
+    gen_ppl = generative_perplexity(texts, judge, batch_size=args.batch_size, max_length=args.max_length,
+                                    progress=not args.no_progress)
     if all(r["token_ids"] for r in records):
         entropy = dict(token_entropy([r["token_ids"] for r in records]), tokens="generator")
     else:  # no generator tokens in the file: the judge's retokenisation is the next best thing
@@ -238,7 +241,8 @@ def run_gen(args: argparse.Namespace) -> int:
         words = max(1, round(sum(len(t.split()) for t in texts) / len(texts)))
         reference = reference_texts(args.reference, len(texts), words)
         mauve = mauve_score(reference, texts, args.featurizer, judge=judge, num_buckets=args.num_buckets,
-                            seed=args.seed, batch_size=args.batch_size, device=str(judge.device))
+                            seed=args.seed, batch_size=args.batch_size, device=str(judge.device),
+                            progress=not args.no_progress)
         mauve["reference"] = args.reference
 
     argv = getattr(args, "_argv", None) or sys.argv
@@ -290,7 +294,7 @@ def run_ppl(args: argparse.Namespace) -> int:
                            steps=args.steps)
     result = perplexity_bound(model, cfg, dataset, estimator=args.estimator, mc_samples=args.mc_samples,
                               schedule=schedule, batch_size=args.batch_size, seed=args.seed, device=device,
-                              progress=True, variational=args.variational, stratified=not args.no_stratify,
+                              progress=not args.no_progress, variational=args.variational, stratified=not args.no_stratify,
                               kernel=args.kernel)
     if not dist.main:
         return 0

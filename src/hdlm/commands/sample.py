@@ -22,7 +22,8 @@ from typing import Any
 
 from ..config import DRAW_METHODS, SAMPLER_NAMES
 from ..errors import HDLMError
-from . import add_schedule_options, check_at_least, check_output_path
+from ..progress import Progress
+from . import add_progress_option, add_schedule_options, check_at_least, check_output_path
 
 
 SAMPLER_OPTIONS = ("sampler", "eta", "temperature", "top_k", "top_p", "draw")
@@ -66,8 +67,10 @@ def generate_samples(args: argparse.Namespace, pipe: Any, checkpoint_sha: str, *
     from ..sample_file import sample_records
 
     chosen = {name: getattr(args, name, None) for name in SAMPLER_OPTIONS + ("seed",)}
-    result = pipe.generate_ids(schedule=args.schedule, width=args.width, rho=args.rho, steps=args.steps,
-                               **chosen, **kwargs)
+    total = kwargs.get("num_samples") or pipe.config.sample.num_samples
+    with Progress(total, "sample", "seq", enabled=bool(kwargs.get("progress"))) as bar:  # a line per batch
+        result = pipe.generate_ids(schedule=args.schedule, width=args.width, rho=args.rho, steps=args.steps,
+                                   on_batch=bar.update, **chosen, **kwargs)
     opts = replace(pipe.config.sample, **{k: v for k, v in chosen.items() if v is not None})
     kv_cache = kwargs.get("kv_cache")
     sampler = {"name": result.sampler, **{k: getattr(opts, k) for k in SAMPLER_OPTIONS if k != "sampler"},
@@ -97,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write the samples to FILE instead of stdout (FILE.jsonl: the JSONL samples format)")
     p.add_argument("--trace", default=None, metavar="FILE.png",
                    help="draw the denoising of the first sample (rows = steps, columns = positions), like Fig. 3")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_option(p)
     p.add_argument("--length", type=int, default=None, metavar="L",
                    help="generate L tokens (default: the model's d); L > d with block, slide or quench keeps "
                         "the last d positions in view")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_config_help
+from . import add_config_help, add_progress_option
 
 DEFAULT_PRESET = "tiny-ptb"
 
@@ -33,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "a folder, an official checkpoint or a Hub id; without --config its config is the base")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:K (sets train.device)")
     p.add_argument("--steps", type=int, help="number of optimizer steps (sets train.steps)")
+    add_progress_option(p)
 
 
 def build_config(args: argparse.Namespace):
@@ -59,5 +60,5 @@ def run(args: argparse.Namespace) -> int:
     from ..train import train
 
     cfg = build_config(args)
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, progress=not args.no_progress)
     return 0

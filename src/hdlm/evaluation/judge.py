@@ -38,9 +38,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..errors import HDLMError
+from ..progress import track
 from ..runtime import resolve_device
 
 DEFAULT_JUDGE = "smollm2"
@@ -139,7 +139,7 @@ class Judge:
             raise HDLMError(f"batch_size = {batch_size}: must be >= 1")
         order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
         starts = range(0, len(order), batch_size)
-        for s in tqdm(starts, desc=what, unit="batch", disable=None if progress else True):
+        for s in track(starts, len(starts), what, "batch", enabled=progress):
             idx = order[s:s + batch_size]
             width = len(rows[idx[0]])
             ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)

@@ -26,6 +26,7 @@ from ..config import ESTIMATORS
 from ..errors import HDLMError
 from ..hyperschedule import from_config
 from ..objective import build_objective
+from ..progress import Progress
 from ..runtime import current_dist
 from .continuous import continuous_values, prior_matched
 from .datasets import ZERO_SHOT, resolve_data_spec
@@ -83,8 +84,6 @@ def nll_sums(model, cfg, data, *, estimator: str = "discrete", mc_samples: int |
     Sequences are split across ranks by index (rank r takes r, r + W, …); every random draw is
     seeded by (seed, sequence index, draw), so the sums do not depend on batching or on W.
     """
-    from tqdm.auto import tqdm
-
     M = _checked_draws(estimator, mc_samples, batch_size)
     n, get = _blocks(data)
     if n == 0:
@@ -100,15 +99,17 @@ def nll_sums(model, cfg, data, *, estimator: str = "discrete", mc_samples: int |
     rank = here.rank if rank is None else rank
     mine = list(range(rank, n, here.world if world_size is None else world_size))
     batches = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
-    bar = tqdm(batches, desc=f"ppl ({estimator})", unit="batch", disable=(None if progress and rank == 0 else True))
+    bar = Progress(len(batches), f"ppl ({estimator})", "batch", enabled=progress and rank == 0)
     sums, was_training = NLLSums(), model.training
     model.eval()
     try:
         with torch.no_grad():
-            for idx in bar:
+            for idx in batches:
                 sums.add(values(get(idx).to(device), idx), d)
                 bar.set_postfix(nll=f"{sums.nll / sums.n_tokens:.4f}")
+                bar.update(1)
     finally:
+        bar.close()
         model.train(was_training)
     settings = {"estimator": estimator, "mc_samples": M, "stratified": stratified and estimator == "discrete",
                 "schedule": hs, "process_cfg": dataclasses.asdict(cfg.process), "kernel": chain.kernel,

