@@ -135,3 +135,15 @@ def test_train_sample_and_eval_print_progress_lines_to_a_pipe(assets, tmp_path):
     assert rows and rows[-1]["n"] == rows[-1]["total"] == "3" and rows[-1]["eta"] == "0:00", proc.stderr
     quiet = _hdlm("sample", "--checkpoint", str(run), "--no-progress").stderr
     assert not _progress_lines(quiet, "sample")
+
+
+def test_the_user_guide_states_the_progress_rate_of_the_code():
+    from pathlib import Path
+
+    from hdlm.progress import EVERY_PCT, EVERY_S
+
+    guide = " ".join((Path(__file__).resolve().parents[1] / "docs" / "user-guide.md").read_text().split())
+    m = re.search(r"one per (\d+)% of the total or per (\d+) s, whichever comes first", guide)
+    assert m and (float(m.group(1)), float(m.group(2))) == (EVERY_PCT, EVERY_S)
+    example = re.search(r"`(train: step [^`]+)`", guide).group(1)
+    assert LINE.match(example)  # the documented line has the shape the code prints
