@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -243,7 +244,10 @@ def test_cli_eval_gen_writes_json_and_markdown(judge, judge_cache, tmp_path, cap
     assert result["entropy"]["per_sample"] == pytest.approx([math.log(4), 0.0])
     g = result["generative_perplexity"]
     assert g["n_samples"] == 2 and g["n_tokens"] == sum(len(ids) for ids in judge.encode([r["text"] for r in records]))
-    assert "token-weighted" in md.read_text() and "token-weighted" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "token-weighted" in md.read_text() and "token-weighted" in captured.out
+    # stderr is not a terminal here: the judge's loop prints its progress line with total and ETA
+    assert re.search(rf"^judge {re.escape(judge.name)}: batch 1/1 \(100%\) .*, ETA 0:00$", captured.err, re.M), captured.err
 
 
 def test_cli_eval_gen_errors_are_one_line(tmp_path, capsys):

@@ -45,6 +45,7 @@ class ExperimentPlan:
     cache_dir: str = ".hdlm_cache"
     trace: bool = True
     pictures: bool = True
+    progress: bool = True  # bars on a terminal, progress lines in logs (hdlm.progress)
     extra: dict = field(default_factory=dict)
 
 
@@ -52,7 +53,7 @@ def _log_default(msg: str) -> None:
     print(f"hdlm: {msg}", flush=True)
 
 
-def _train_or_reuse(cfg: Config, run_dir: Path, skip_training: bool, resume: bool, log) -> dict:
+def _train_or_reuse(cfg: Config, run_dir: Path, skip_training: bool, resume: bool, log, progress: bool = True) -> dict:
     """Train into ``run_dir``; ``skip_training``: reuse any checkpoint there; ``resume``: reuse a finished
     run, continue an interrupted one exactly (:func:`hdlm.train.train` with ``resume``), else train."""
     from .checkpoint import list_checkpoints
@@ -68,9 +69,9 @@ def _train_or_reuse(cfg: Config, run_dir: Path, skip_training: bool, resume: boo
             log(f"reusing the finished training in {run_dir} (step {step})")
             return {"checkpoint": str(found[-1]), "step": step}
         log(f"continuing the training in {run_dir} from step {step}")
-        return train(cfg, resume=str(run_dir))
+        return train(cfg, resume=str(run_dir), progress=progress)
     log(f"training -> {run_dir}")
-    return train(cfg)
+    return train(cfg, progress=progress)
 
 
 def run_experiment(cfg: Config, out: Path, plan: ExperimentPlan, *, log: Callable[[str], None] = _log_default,
@@ -87,7 +88,7 @@ def run_experiment(cfg: Config, out: Path, plan: ExperimentPlan, *, log: Callabl
     cfg = cfg.replace({"train.out_dir": str(run_dir)})
     result: dict = {"config": cfg.to_dict()}
     t0 = time.perf_counter()
-    stats = _train_or_reuse(cfg, run_dir, skip_training, resume, log)
+    stats = _train_or_reuse(cfg, run_dir, skip_training, resume, log, plan.progress)
     result["train"] = {k: v for k, v in stats.items() if k in ("step", "loss", "valid_loss", "tokens_per_s", "checkpoint")}
     result["train"]["seconds"] = time.perf_counter() - t0
     result["train"]["tokens"] = cfg.train.steps * cfg.train.batch_size * cfg.model.length
@@ -133,7 +134,7 @@ def _bounds(pipe, plan: ExperimentPlan, log: Callable[[str], None]) -> dict:
         t1 = time.perf_counter()
         log(f"perplexity bound ({est}) on {label}: {n} sequences x {plan.mc_samples} draws")
         r = perplexity_bound(pipe.model, mcfg, data, estimator=est, mc_samples=plan.mc_samples, batch_size=16,
-                             seed=0, progress=True)
+                             seed=0, progress=plan.progress)
         bounds[r.estimator] = dict(r.to_dict(), seconds=time.perf_counter() - t1)
     return {"eval_data": {"spec": label, "sequences": n, "tokens": n * mcfg.model.length}, "bounds": bounds}
 
@@ -144,16 +145,17 @@ def _samples(pipe, plan: ExperimentPlan, st: SampleSetting, k: int, judge, out: 
     from .evaluation.quality import generative_perplexity, token_entropy
 
     log(f"sampling {plan.num_samples} x {pipe.length} tokens ({st.label}, KV cache)")
-    with Progress(plan.num_samples, "sample", "seq") as bar:  # a progress line per batch in logs and pipes
+    with Progress(plan.num_samples, "sample", "seq", enabled=plan.progress) as bar:  # a line per batch in logs
         gen = pipe.generate_ids(plan.num_samples, sampler=st.sampler, rho=st.rho, eta=st.eta, seed=plan.sample_seed,
-                                kv_cache=True, trace=plan.trace and k == 0, progress=True, on_batch=bar.update)
+                                kv_cache=True, trace=plan.trace and k == 0, progress=plan.progress,
+                                on_batch=bar.update)
     texts = pipe.decode(gen.tokens)
     entry = {"setting": st.label, "sampler": gen.sampler, "rho": st.rho, "eta": st.eta,
              "steps": gen.steps, "model_calls": gen.n_model_calls, "wall_time": gen.wall_time,
              "tokens_per_s": gen.tokens_per_s, "texts": texts, "token_ids": gen.tokens.tolist(),
              "entropy": token_entropy(gen.tokens.tolist())["mean"]}
     if judge is not None:
-        gp = generative_perplexity(texts, judge, progress=False)
+        gp = generative_perplexity(texts, judge, progress=plan.progress)
         entry["gen_ppl"] = {key: gp[key] for key in ("ppl_token_weighted", "ppl_mean_per_sample", "n_tokens",
                                                      "n_samples", "judge") if key in gp}
     if plan.pictures and k == 0 and gen.trace:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .._version import __version__
 from ..errors import HDLMError
-from . import add_config_help, check_at_least, check_judge, check_output_folder
+from . import add_config_help, add_progress_option, check_at_least, check_judge, check_output_folder
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge", default="smollm2", help="judge LM for generative perplexity ('none' to skip)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--reuse", action="store_true", help="skip training if OUT/run already holds a checkpoint")
+    add_progress_option(p)
 
 
 def _fmt(x, nd=1) -> str:
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     plan = ExperimentPlan(num_samples=args.num_samples, sample_seed=args.seed,
                           settings=(SampleSetting(rho=args.rho),), mc_samples=args.mc_samples,
                           eval_sequences=args.eval_sequences,
-                          judge=None if args.judge.lower() == "none" else args.judge)
+                          judge=None if args.judge.lower() == "none" else args.judge, progress=not args.no_progress)
     res = run_experiment(cfg, out, plan, skip_training=args.reuse)
     unigram = None
     try:
