@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import tokenizers as hf
 
-from hdlm.config import DataConfig
+from hdlm.config import DataConfig, TrainConfig
 from hdlm.errors import HDLMError
 from hdlm.tokenizers import BUILTIN, load_tokenizer
 
@@ -84,3 +84,45 @@ def test_documented_split_defaults_are_the_config_defaults():
     assert found == {"train_split": DataConfig().train_split, "valid_split": DataConfig().valid_split}
     m = re.search(r"`data\.dataset=([^`]+)\{split\}\.txt` reads `\1(\w+)\.txt` .*? and `\1(\w+)\.txt`", text)
     assert m and (m.group(2), m.group(3)) == (DataConfig().train_split, DataConfig().valid_split), text
+
+
+def _harness_default(name: str):
+    import inspect
+
+    pytest.importorskip("lm_eval")
+    from hdlm.harness import HDLMHarnessLM
+
+    return inspect.signature(HDLMHarnessLM.__init__).parameters[name].default
+
+
+def _parser_default(argv: list[str], dest: str):
+    from hdlm.cli import build_parser
+
+    return getattr(build_parser().parse_args(argv), dest)
+
+
+def _gamma_default_sampler() -> str:
+    from hdlm.config import load_config
+    from hdlm.processes import make_process
+    from hdlm.sampling.samplers import make_sampler
+
+    cfg = load_config("tiny-ptb")  # a γ-hybrid with 0 < γ < 1
+    return make_sampler("auto", make_process(cfg.process, 8)).name
+
+
+# (doc, the sentence stating a default, with the value as group 1; the code's value)
+STATED_DEFAULTS = [
+    ("docs/user-guide.md", r"`train\.logger` is `(\w+)` \(the default\)", lambda: TrainConfig().logger),
+    ("docs/user-guide.md", r"`--detokenize (\w+)` \(the default\)",
+     lambda: _parser_default(["eval", "ppl", "--checkpoint", "x"], "detokenize")),
+    ("docs/user-guide.md", r"`mc_samples` trajectories per request, default (\d+)", lambda: _harness_default("mc_samples")),
+    ("README.md", r"the full-support (posterior)-mean kernel \(the γ default\)", _gamma_default_sampler),
+]
+
+
+@pytest.mark.parametrize("doc,pattern,code", STATED_DEFAULTS, ids=[p for _, p, _ in STATED_DEFAULTS])
+def test_defaults_the_docs_state_are_the_codes(doc, pattern, code):
+    text = " ".join((Path(__file__).resolve().parents[1] / doc).read_text(encoding="utf-8").split())
+    m = re.search(pattern, text)
+    assert m, f"{doc} no longer states this default: {pattern}"
+    assert str(code()) == m.group(1), (m.group(1), code())

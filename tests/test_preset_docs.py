@@ -46,6 +46,7 @@ def test_default_preset_statements_match_the_preset(doc):
                            "layers": (cfg.model.n_layers, cfg.model.hidden), "kind": cfg.schedule.kind,
                            "configuration": cfg.model.configuration}
     assert cfg.data.tokenizer in text, f"{doc} does not name the preset's tokenizer {cfg.data.tokenizer}"
+    assert re.search(r"\b(PTB|Penn Treebank)\b", text) and cfg.data.dataset == "ptb", f"{doc}: the data is not PTB"
     for other in ("GPT-2", "gpt2", "BERT tokens") if cfg.data.tokenizer != "gpt2" else ("bert",):
         assert other not in text, f"{doc} names another tokenizer ({other}) for {PRESET}"
 
