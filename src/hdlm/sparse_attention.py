@@ -122,20 +122,60 @@ def _gather(x: Tensor, keys: slice | Tensor) -> Tensor:
     return x[:, :, keys] if isinstance(keys, slice) else x.index_select(-2, keys)
 
 
+def _tile_sdpa(q: Tensor, k: Tensor, v: Tensor, t: Tile, sdpa: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One tile: (its queries, gathered keys, gathered values, SDPA output)."""
+    keys = t.keys if isinstance(t.keys, slice) else t.keys.to(k.device)
+    sub = None if t.mask is None else t.mask.to(q.device)
+    qt, kt, vt = q[:, :, t.lo:t.hi], _gather(k, keys), _gather(v, keys)
+    return qt, kt, vt, F.scaled_dot_product_attention(qt, kt, vt, attn_mask=sub, **sdpa)
+
+
+def _scatter_add(acc: Tensor, keys: slice | Tensor, grad: Tensor) -> None:
+    """acc[:, :, keys] += grad (keys along dim −2)."""
+    if isinstance(keys, slice):
+        acc[:, :, keys] += grad
+    else:
+        acc.index_add_(-2, keys.to(acc.device), grad)
+
+
+class _BlockSparseSDPA(torch.autograd.Function):
+    """Tile-by-tile SDPA; the backward recomputes each tile's (cheap, sparse) forward and writes its
+    gradients in place, so no full-size zero gradient is filled and added per tile (autograd through
+    per-tile slices would do that 3 × tiles times per layer)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: BlockSparseMask, sdpa: dict) -> Tensor:
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        for t in mask.tiles:
+            out[:, :, t.lo:t.hi] = _tile_sdpa(q, k, v, t, sdpa)[3]
+        ctx.save_for_backward(q, k, v)
+        ctx.mask, ctx.sdpa = mask, sdpa
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, k, v = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+        for t in ctx.mask.tiles:
+            with torch.enable_grad():
+                leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+                qt, kt, vt, out = _tile_sdpa(*leaves, t, ctx.sdpa)
+                gq, gk, gv = torch.autograd.grad(out, (qt, kt, vt), grad[:, :, t.lo:t.hi])
+            dq[:, :, t.lo:t.hi] = gq
+            _scatter_add(dk, t.keys, gk)
+            _scatter_add(dv, t.keys, gv)
+        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None)
+
+
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockSparseMask, **sdpa: Any) -> Tensor:
     """SDPA of q (B, H, Lq, D) over k, v (B, H, Lkv, D) under ``mask``, tile by tile; equals
-    ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, **sdpa)`` up to summation order.
-    ``sdpa``: further SDPA arguments (``scale``, ``enable_gqa``)."""
+    ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, **sdpa)`` up to summation order,
+    outputs and gradients (first order). ``sdpa``: further SDPA arguments (``scale``, ``enable_gqa``)."""
     if tuple(mask.shape) != (q.shape[-2], k.shape[-2]):
         raise ValueError(f"block-sparse mask {tuple(mask.shape)} does not fit {q.shape[-2]} queries x "
                          f"{k.shape[-2]} keys")
-    outs = []
-    for t in mask.tiles:
-        keys = t.keys if isinstance(t.keys, slice) else t.keys.to(k.device)
-        sub = None if t.mask is None else t.mask.to(q.device)
-        outs.append(F.scaled_dot_product_attention(q[:, :, t.lo:t.hi], _gather(k, keys), _gather(v, keys),
-                                                   attn_mask=sub, **sdpa))
-    return torch.cat(outs, dim=-2)
+    return _BlockSparseSDPA.apply(q, k, v, mask, sdpa)
 
 
 def use_sparse(q_len: int, planned: BlockSparseMask | None, mode: str | None = None) -> bool:
