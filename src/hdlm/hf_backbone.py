@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import masks as masks_lib
-from .sparse_attention import BlockSparseMask, block_sparse_attention
 from .config import ModelConfig
 from .errors import HDLMError
 from .model import KVCache, NoiseEmbedding, _select
+from .sparse_attention import BlockSparseMask, block_sparse_attention
 
 ATTENTION = "hdlm"  # the name under which the cell attention is registered with transformers
 _REGISTERED = False

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import HDLMError
+
 #: Query rows per tile: the causal clean stream wastes about TILE²/2 pairs per tile on its
 #: diagonal, and each tile is one SDPA call forward and backward.
 TILE = 128
@@ -71,8 +73,6 @@ def attention_mode(mode: str | None = None) -> str:
     """The block-sparse switch: ``mode`` if given, else $HDLM_ATTENTION, else ``auto``."""
     mode = mode if mode is not None else os.environ.get(ENV, "auto")
     if mode not in MODES:
-        from .errors import HDLMError
-
         raise HDLMError(f"{ENV} = {mode!r}: must be one of {', '.join(MODES)}")
     return mode
 
