@@ -30,8 +30,9 @@ from .errors import HDLMError
 TILE = 128
 #: ``auto`` uses the block-sparse path only from this many query cells on ...
 MIN_CELLS = 512
-#: ... and when at most this fraction of the (Lq, Lkv) pairs is computed.
-MAX_FRACTION = 0.6
+#: ... and when at most this fraction of the (Lq, Lkv) pairs is computed (bench/RESULTS.md: the
+#: efficient layout at 27-34% gains, one interval at 60-65% loses a little to the per-tile calls).
+MAX_FRACTION = 0.5
 #: Environment switch: ``auto`` (default), ``dense`` (always the dense SDPA), ``sparse`` (always block-sparse).
 ENV = "HDLM_ATTENTION"
 MODES = ("auto", "dense", "sparse")
