@@ -90,3 +90,25 @@ def test_fused_head_loss_against_autograd_with_arbitrary_weights():
 def test_chunk_positions():
     assert chunk_positions(2, 50257, 1 << 22) == 41
     assert chunk_positions(64, 50257, 1 << 10) == 1
+
+
+def test_vocab_reductions_equal_autograd_through_logsumexp_gather_sum():
+    """The one-pass backward of head_loss.vocab_reductions against autograd of the plain ops and
+    finite differences (float64), with repeated indices (x = y gathers one column twice)."""
+    from hdlm.head_loss import vocab_reductions
+
+    gen = torch.Generator().manual_seed(5)
+    raw = torch.randn(2, 3, 17, generator=gen, dtype=torch.float64) * 4
+    index = torch.randint(17, (2, 3, 2), generator=gen)
+    index[0, 1, 1] = index[0, 1, 0]
+    ups = [torch.randn(s, generator=gen, dtype=torch.float64) for s in ((2, 3), (2, 3, 2), (2, 3))]
+    results = []
+    for fn in (vocab_reductions, lambda r, i: (torch.logsumexp(r, -1), r.gather(-1, i), r.sum(-1))):
+        leaf = raw.clone().requires_grad_(True)
+        outs = fn(leaf, index)
+        sum((o * u).sum() for o, u in zip(outs, ups)).backward()
+        results.append([*(o.detach() for o in outs), leaf.grad])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    assert torch.autograd.gradcheck(lambda r: vocab_reductions(r, index), (raw.clone().requires_grad_(True),))
+

@@ -246,3 +246,26 @@ def test_build_model_and_errors():
         HFBackbone(cfg.replace({"model.vocab_size": HF_ROWS + 1}).model, copy.deepcopy(ref))
     with pytest.raises(HDLMError, match="sliding window"):
         convert_lm(reference_lm("gemma3"), d=40)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_block_sparse_attention_equals_dense_on_the_hf_backbone(arch, monkeypatch):
+    """hdlm.sparse_attention through the HF layers (grouped-query keys, the model's own scale):
+    the training loss and every gradient equal dense SDPA's (float64)."""
+    cfg, model = convert_lm(reference_lm(arch, seed=3), kind="block", proc="gamma", n=11, d=16)
+    obj = build_objective(cfg, 11)
+    y = torch.randint(11, (2, 16), generator=torch.Generator().manual_seed(4))
+    import hdlm.hf_backbone as hf_backbone
+
+    calls, sparse_fn = [], hf_backbone.block_sparse_attention
+    monkeypatch.setattr(hf_backbone, "block_sparse_attention", lambda *a, **kw: calls.append(1) or sparse_fn(*a, **kw))
+    results = {}
+    for mode in ("dense", "sparse"):
+        monkeypatch.setenv("HDLM_ATTENTION", mode)
+        model.zero_grad(set_to_none=True)
+        loss, _ = obj(model, y, torch.tensor([1, 2]), 3)
+        loss.backward()
+        results[mode] = [loss.detach()] + [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(calls) == 2 and len(results["dense"]) == len(results["sparse"]) > 1  # one call per layer
+    for a, b in zip(results["dense"], results["sparse"]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)

@@ -25,6 +25,36 @@ Head = Callable[..., Tensor]  # head(x (B, k, h), *params) -> raw (B, k, N)
 TokenLoss = Callable[[Tensor, int, int], Tensor]  # loss(raw (B, k, N), lo, hi) -> per-token loss (B, k)
 
 
+class _VocabReductions(torch.autograd.Function):
+    """(logsumexp, entries at ``index``, sum) of raw over its last dimension, backward written out.
+
+    The gradient is g_lse · softmax(raw) + g_sum + scatter(g_entries): one pass over the
+    exponentials the forward kept, where autograd through logsumexp, gather and sum recomputes the
+    exponentials, zero-fills the gather's gradient and adds three (…, N) gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, raw: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        peak = raw.amax(dim=-1, keepdim=True)
+        expd = torch.sub(raw, peak).exp_()
+        total = expd.sum(dim=-1, keepdim=True)
+        ctx.save_for_backward(expd, total, index)
+        return (peak + total.log()).squeeze(-1), raw.gather(-1, index), raw.sum(dim=-1)
+
+    @staticmethod
+    def backward(ctx, g_lse: Tensor, g_entries: Tensor, g_sum: Tensor):
+        expd, total, index = ctx.saved_tensors
+        grad = torch.mul(expd, (g_lse.unsqueeze(-1) / total).to(expd.dtype)).add_(g_sum.unsqueeze(-1).to(expd.dtype))
+        return grad.scatter_add_(-1, index, g_entries.to(expd.dtype)), None
+
+
+def vocab_reductions(raw: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logsumexp(raw, -1), raw.gather(-1, index), raw.sum(-1))`` with a one-pass backward: what the
+    closed-form losses over the vocabulary (DWDSE of Q_gamma, cross-entropy) read of raw (…, N);
+    ``index`` (…, k) long. Used once per chunk of the fused head + loss (DESIGN.md §9)."""
+    return _VocabReductions.apply(raw, index)
+
+
 def chunk_positions(batch: int, columns: int, elements: int = HEAD_CHUNK_ELEMENTS) -> int:
     """Positions per chunk so that one chunk holds about ``elements`` logits (at least 1)."""
     return max(1, elements // max(1, batch * columns))

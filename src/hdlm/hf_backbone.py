@@ -41,6 +41,7 @@ from . import masks as masks_lib
 from .config import ModelConfig
 from .errors import HDLMError
 from .model import KVCache, NoiseEmbedding, _select
+from .sparse_attention import BlockSparseMask, block_sparse_attention
 
 ATTENTION = "hdlm"  # the name under which the cell attention is registered with transformers
 _REGISTERED = False
@@ -76,6 +77,8 @@ def cell_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
         key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                              scale=scaling)
+    elif isinstance(attention_mask, BlockSparseMask):  # hdlm.layout.attention_mask on CPU, long layouts
+        out = block_sparse_attention(query, key, value, attention_mask, scale=scaling, enable_gqa=n_rep > 1)
     else:
         out = masks_lib.flex_attention(query, key, value, attention_mask, scale=scaling, enable_gqa=n_rep > 1)
     return out.transpose(1, 2).contiguous(), None

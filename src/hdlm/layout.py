@@ -28,17 +28,29 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import masks
+from . import masks, sparse_attention
 from .masks import CellLayout, clean_layout, concat_layouts, interval_layout
 from .runtime import Stream, generator, mix_seed
 
 
-def attention_mask(q_layout: CellLayout, kv_layout: CellLayout, device=None):
-    """The mask for a forward pass: a FlexAttention BlockMask on CUDA, a boolean (Lq, Lkv) mask elsewhere."""
+def attention_mask(q_layout: CellLayout, kv_layout: CellLayout, device=None, mode: str | None = None):
+    """The mask for a forward pass, from the one rule of :mod:`hdlm.masks`.
+
+    On CUDA a FlexAttention BlockMask (block-sparse, compiled); elsewhere a
+    :class:`~hdlm.sparse_attention.BlockSparseMask` when it pays (``auto``: long layouts such as the
+    efficient training layout, where most pairs are masked) and a boolean (Lq, Lkv) mask for dense
+    SDPA otherwise. ``mode`` (default $HDLM_ATTENTION or ``auto``): ``dense`` forces the boolean mask
+    on every device, ``sparse`` the block-sparse path.
+    """
     dev = torch.device(device) if device is not None else q_layout.device
-    if dev.type == "cuda":
+    mode = sparse_attention.attention_mode(mode)
+    if dev.type == "cuda" and mode != "dense":
         return masks.flex_block_mask(q_layout.to(dev), kv_layout.to(dev))
-    return masks.dense_mask(q_layout, kv_layout)
+    if mode == "sparse" or (mode == "auto" and len(q_layout) >= sparse_attention.MIN_CELLS):
+        planned = masks.block_sparse_mask(q_layout, kv_layout, dev)
+        if sparse_attention.use_sparse(len(q_layout), planned, mode):
+            return planned
+    return masks.dense_mask(q_layout, kv_layout, dev)
 
 
 @dataclass

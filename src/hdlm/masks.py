@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .errors import HDLMError
+from .sparse_attention import TILE, BlockSparseMask, plan
 
 SETTLED_ATTENTION = ("causal", "block")
 
@@ -236,6 +237,20 @@ def dense_mask(q_layout: CellLayout, kv_layout: CellLayout | None = None, device
         mask = mask_mod_from(q_l, kv_l)(zero, zero, qi, ki)
         _MASK_CACHE.put(key, mask)
     return mask
+
+
+def block_sparse_mask(q_layout: CellLayout, kv_layout: CellLayout | None = None, device: Any = None,
+                      tile: int = TILE) -> BlockSparseMask:
+    """The same rule as :func:`dense_mask`, planned into query tiles for block-sparse attention
+    (:mod:`hdlm.sparse_attention`; tiles never straddle a segment of the query layout). Cached like it."""
+    kv_layout = q_layout if kv_layout is None else kv_layout
+    device = torch.device(device) if device is not None else q_layout.device
+    key = ("sparse", _layout_key(q_layout), _layout_key(kv_layout), str(device), tile)
+    planned = _MASK_CACHE.get(key)
+    if planned is None:
+        planned = plan(dense_mask(q_layout, kv_layout, device), q_layout.seg, tile)
+        _MASK_CACHE.put(key, planned)
+    return planned
 
 
 def flex_block_mask(q_layout: CellLayout, kv_layout: CellLayout | None = None, device: Any = None,

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from . import masks as masks_lib
 from .config import ModelConfig
 from .errors import HDLMError
+from .sparse_attention import BlockSparseMask, block_sparse_attention
 
 #: ``forward(head_loss=...)``: features (B, K, h), head(features, *params) -> raw, params -> result
 HeadLossFn = Callable[[Tensor, Callable[..., Tensor], tuple], Any]
@@ -171,13 +172,18 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Any, explicit: bool = False) -> Tensor:
-    """Attention with a boolean mask (SDPA), a FlexAttention BlockMask, or no mask (dense).
+    """Attention with a boolean mask (SDPA), a block-sparse plan of one (:mod:`hdlm.sparse_attention`),
+    a FlexAttention BlockMask, or no mask (dense).
 
     ``explicit`` (official checkpoints, boolean or no mask): the official computation written
     out, bitwise: scores q·kᵀ/√d, −inf where masked, a query row allowed no key scores 0
     everywhere (so it attends uniformly to all keys), softmax, times v. hdlm's own layouts never
     produce such rows (every cell sees itself).
     """
+    if isinstance(mask, BlockSparseMask):  # the efficient training layout on CPU (hdlm.sparse_attention)
+        if not explicit:
+            return block_sparse_attention(q, k, v, mask)
+        mask = mask.dense
     if explicit and (mask is None or isinstance(mask, Tensor)):
         scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
         if mask is not None:

@@ -43,6 +43,8 @@ class Objective:
         self.block_width = self.hyperschedule.width
         #: logits per chunk of the fused head + loss (hdlm.head_loss); 0: the plain unchunked head
         self.head_chunk = HEAD_CHUNK_ELEMENTS
+        #: attention backend switch of hdlm.layout.attention_mask (None: $HDLM_ATTENTION, else auto)
+        self.attention: str | None = None
 
     @property
     def is_ar(self) -> bool:
@@ -58,7 +60,7 @@ class Objective:
         tc = self.cells(y, seeds, batch_seed, single=single)
         c = tc.cells
         out_index = torch.cat([tc.ce_index, tc.diff_index])
-        mask = attention_mask(c.layout, c.layout, device=y.device)
+        mask = attention_mask(c.layout, c.layout, device=y.device, mode=self.attention)
         parts = self.token_losses(tc, y.shape[1])
         args = (c.tokens, c.sigma, c.positions, mask)
         if self.head_chunk:  # the fused chunked head + loss (hdlm.head_loss): no (B, K, N) tensors kept

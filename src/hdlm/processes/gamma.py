@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..config import PARAMETRISATIONS
 from ..errors import HDLMError
+from ..head_loss import vocab_reductions
 from ..noise import NoiseSchedule, Scaled
 from ..sedd_score import sedd_dwdse, sedd_log_score
 from .base import NEG_INF, Process, float_dtype, levels64, noise_like, one_hot
@@ -266,12 +267,12 @@ class GammaHybrid(Process):
         zero = torch.zeros_like(sigma_bar)
 
         # log p_y, log p_x and sum_z log p_z from one gather and one logsumexp: the (..., N)
-        # log-softmax is never materialised and its backward fills one zero tensor, not two
-        lse = torch.logsumexp(raw, dim=-1)
+        # log-softmax is never materialised and the backward is one pass (head_loss.vocab_reductions)
         is_mask = x == self.mask_id
         x_real = torch.where(is_mask, y, x)
-        lsm_y, lsm_x = (raw.gather(-1, torch.stack([y, x_real], -1)) - lse.unsqueeze(-1)).unbind(-1)
-        lsm_sum = raw.sum(-1) - n * lse
+        lse, entries, raw_sum = vocab_reductions(raw, torch.stack([y, x_real], -1))
+        lsm_y, lsm_x = (entries - lse.unsqueeze(-1)).unbind(-1)
+        lsm_sum = raw_sum - n * lse
         lsm_sum_safe = torch.where(moved, lsm_sum, zero)  # multiplied by q_other = 0 otherwise
 
         # x = MASK: (1-gamma) a/(1-a) KL(q || p)
