@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ..errors import HDLMError
 from ..layout import inference_cells
+from ..model import HDLMTransformer
 from ..masks import clean_layout, concat_layouts, dense_mask
 from .rng import SequenceGenerators
 from .samplers import Generator, Sampler
@@ -302,7 +303,8 @@ def _step(run: _Run, x: Tensor, t: int, settled_end: int, active_end: int) -> tu
     if cache is not None:
         commit = max(0, _final_clean(committed + cells.n_clean, hs.d, kw["settled_attention"], kw["block_width"])
                      - committed)
-    mask, n_cached = _attention_mask(cells, cache, committed, run.model.cfg.shift, kw, run.window)
+    mask, n_cached = _attention_mask(cells, cache, committed, run.model.cfg.shift, kw, run.window,
+                                     isinstance(run.model, HDLMTransformer))  # the DiT reads None as dense
     need = plan.need if run.lazy else torch.ones_like(plan.need)
     key = (settled_end, active_end, committed, 0 if cache is None else cache.start)
     raw_need, called = _outputs(run, cells, mask, out_index, need, commit, key)
@@ -327,7 +329,8 @@ def _levels(run: _Run, level: Tensor) -> Tensor:
     return level
 
 
-def _attention_mask(cells, cache, committed: int, shift: int, kw: dict, window: int | None) -> tuple[Tensor, int]:
+def _attention_mask(cells, cache, committed: int, shift: int, kw: dict, window: int | None,
+                    dense_ok: bool = False) -> tuple[Tensor | None, int]:
     """The (new cells × cached + new cells) mask and the number of cached cells attended to.
 
     ``window`` (generation beyond the training length d): every cell also sees only the cells
@@ -350,6 +353,8 @@ def _attention_mask(cells, cache, committed: int, shift: int, kw: dict, window: 
     mask = dense_mask(cells.layout, kv_layout, device=device)
     if window is not None:
         mask = mask & ((cells.layout.pos[:, None] - kv_layout.pos[None, :]).abs() < window)
+    if dense_ok and bool(mask.all()):  # an active window that sees every cached cell: SDPA without a mask
+        mask = None
     return mask, len(kv_layout) - len(cells.layout)
 
 
