@@ -9,7 +9,10 @@ Side by side in one run, on one machine:
    the active window (non-lazy in the transformer for the γ kernels, which need every active
    position; for the ancestral sampler a sequence that reveals nothing in a step is left out, in
    both columns). "KV cache" runs the clean cells settled since the last call and the window. The
-   ideal (n+1)/2 is the cells ratio of those two for one call per step; "cells ×" is the measured one.
+   ideal (n+1)/2 is the cells ratio of those two for one call per step; "cells ×" is the measured one,
+   "FLOP ×" the ratio of the blocks' dense-equivalent FLOPs (attention scores every (query, key) pair
+   its SDPA call sees, so a cached window against a long cache costs more than its cells say), and
+   the blocks' GFLOP/s sit beside the GEMM rate printed first.
    ``--repeat R`` interleaves the two R times and keeps each one's fastest run (a shared machine).
 2. Flat at ρ = 1 on a model without time conditioning (and no Eq. (12) weighting, as the ε models):
    eager head (before #16.1), lazy, lazy + output reuse (issue #16.4): model calls, sequence passes,
@@ -57,15 +60,26 @@ class BlockTimer:
     def __init__(self, model, device: str) -> None:
         self.seconds, self.t0, self.cuda = 0.0, 0.0, device.startswith("cuda")
         self.cells = self.head_cells = self.rows = 0  # cells through the blocks / the head, sequence passes
+        self.pairs = 0  # (query cell, key cell) pairs scored by attention, per layer
+        cfg = model.cfg
+        self.flops_per_cell = 2 * cfg.n_layers * (4 + 2 * cfg.mlp_ratio) * cfg.hidden ** 2  # qkv, proj, MLP
+        self.flops_per_pair = 4 * cfg.n_layers * cfg.hidden  # q·k and p·v, as SDPA computes them (masked too)
         model.blocks[0].register_forward_pre_hook(self._start)
         model.blocks[-1].register_forward_hook(self._stop)
         model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, _module, args, kwargs):
         tokens, index = args[0], kwargs.get("out_index")
+        cache = kwargs.get("cache")
         self.rows += tokens.shape[0]
         self.cells += tokens.numel()
+        self.pairs += tokens.numel() * ((cache.length if cache is not None else 0) + tokens.shape[1])
         self.head_cells += tokens.numel() if index is None else tokens.shape[0] * index.shape[-1]
+
+    @property
+    def gflop(self) -> float:
+        """Dense-equivalent GFLOP of the blocks' matmuls and attention (adaLN and norms left out)."""
+        return (self.cells * self.flops_per_cell + self.pairs * self.flops_per_pair) / 1e9
 
     def _sync(self) -> None:
         if self.cuda:
@@ -96,11 +110,12 @@ def run_one(model, process, hs, args, kv_cache: bool, lazy: bool = True, reuse: 
     sampler = make_sampler("auto", process, hyperschedule=hs)
     gen = SequenceGenerators(0, range(args.batch), args.device)
     timer = model.timer
-    timer.seconds, timer.cells, timer.head_cells, timer.rows = 0.0, 0, 0, 0
+    timer.seconds, timer.cells, timer.head_cells, timer.rows, timer.pairs = 0.0, 0, 0, 0, 0
     with torch.no_grad():
         res = generate(model, process, hs, sampler, args.batch, generator=gen, kv_cache=kv_cache, progress=False,
                        lazy=lazy, reuse=reuse)
     res.transformer_s, res.cells, res.head_cells, res.rows = timer.seconds, timer.cells, timer.head_cells, timer.rows
+    res.gflop = timer.gflop
     return res
 
 
@@ -132,7 +147,8 @@ def cache_table(args, out) -> None:
     print(f"\nKV cache, d = {d}, batch {args.batch}, {args.layers}x{args.hidden}, vocab {args.vocab}, "
           f"{args.process}, best of {args.repeat} interleaved")
     print("| ω | n | steps | calls | no cache e2e / blocks (s) | KV cache e2e / blocks (s) | e2e × | blocks × "
-          "| ideal (n+1)/2 | 90% ideal | blocks ÷ ideal | cells × |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| ideal (n+1)/2 | 90% ideal | blocks ÷ ideal | cells × | FLOP × | blocks GFLOP/s no cache / cache |"
+          "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     run_one(model, process, make_hyperschedule("block", d, width=d // 4, rho=d // 8), args, kv_cache=True)  # warm-up
     for div in (4, 16):
         hs = make_hyperschedule("block", d, width=d // div)
@@ -152,12 +168,15 @@ def cache_table(args, out) -> None:
                "uncached_blocks_s": plain.transformer_s, "cached_blocks_s": cached.transformer_s,
                "speedup": plain.wall_time / cached.wall_time,
                "blocks_speedup": plain.transformer_s / cached.transformer_s, "ideal": ideal,
-               "uncached_cells": plain.cells, "cached_cells": cached.cells, "head_cells": cached.head_cells}
+               "uncached_cells": plain.cells, "cached_cells": cached.cells, "head_cells": cached.head_cells,
+               "uncached_gflop": plain.gflop, "cached_gflop": cached.gflop,
+               "uncached_gflops": plain.gflop / plain.transformer_s, "cached_gflops": cached.gflop / cached.transformer_s}
         out["cache"].append(row)
         print(f"| d/{div} | {div} | {hs.T} | {row['calls']} | {plain.wall_time:.1f} / {plain.transformer_s:.1f} "
               f"| {cached.wall_time:.1f} / {cached.transformer_s:.1f} | {row['speedup']:.2f} "
               f"| {row['blocks_speedup']:.2f} | {ideal:.1f} | {0.9 * ideal:.2f} | {row['blocks_speedup'] / ideal:.0%} "
-              f"| {plain.cells / cached.cells:.2f} |")
+              f"| {plain.cells / cached.cells:.2f} | {plain.gflop / cached.gflop:.2f} "
+              f"| {row['uncached_gflops']:.0f} / {row['cached_gflops']:.0f} |")
 
 
 def flat_table(args, out) -> None:
