@@ -180,22 +180,23 @@ def cache_table(args, out) -> None:
 
 
 def flat_table(args, out) -> None:
-    """Table 2: Flat ρ = 1 without time conditioning: eager head, lazy, lazy + output reuse (issue #16.4)."""
+    """Table 2: Flat without time conditioning: eager head, lazy, lazy + output reuse (issue #16.4)."""
     d = args.rho_length
     model, process = build(args, d, untimed=True)
-    hs = make_hyperschedule("flat", d)
-    print(f"\nFlat ρ = 1, d = {d}, {args.process} ({make_sampler('auto', process, hyperschedule=hs).name}), "
-          f"no time conditioning\n| head | reuse | model calls | sequence passes | reused | head cells | tokens/s |"
-          f"\n|---|---|---|---|---|---|---|")
+    print(f"\nFlat, d = {d}, {args.process} ({make_sampler('auto', process, hyperschedule=make_hyperschedule('flat', d)).name}), "
+          f"no time conditioning\n| ρ | head | reuse | model calls | sequence passes | reused | head cells | tokens/s |"
+          f"\n|---|---|---|---|---|---|---|---|")
     modes = (("eager", False, False), ("lazy", True, False), ("lazy", True, True))
-    runs = [run_one(model, process, hs, args, kv_cache=True, lazy=lazy, reuse=reuse) for _, lazy, reuse in modes]
-    for (name, lazy, reuse), r in zip(modes, runs):
-        assert torch.equal(runs[0].tokens, r.tokens), "eager, lazy and reusing generation differ"
-        out["lazy"].append({"lazy": lazy, "reuse": reuse, "model_calls": r.n_model_calls, "rows": r.rows,
-                            "reused": r.n_reused, "head_cells": r.head_cells, "tokens_per_s": r.tokens_per_s,
-                            "seconds": r.wall_time})
-        print(f"| {name} | {reuse} | {r.n_model_calls} | {r.rows} | {r.n_reused} | {r.head_cells} "
-              f"| {r.tokens_per_s:.1f} |")
+    for rho in args.flat_rho:
+        hs = make_hyperschedule("flat", d, rho=rho)
+        runs = [run_one(model, process, hs, args, kv_cache=True, lazy=lazy, reuse=reuse) for _, lazy, reuse in modes]
+        for (name, lazy, reuse), r in zip(modes, runs):
+            assert torch.equal(runs[0].tokens, r.tokens), "eager, lazy and reusing generation differ"
+            out["lazy"].append({"rho": rho, "lazy": lazy, "reuse": reuse, "model_calls": r.n_model_calls,
+                                "rows": r.rows, "reused": r.n_reused, "head_cells": r.head_cells,
+                                "tokens_per_s": r.tokens_per_s, "seconds": r.wall_time})
+            print(f"| {rho:g} | {name} | {reuse} | {r.n_model_calls} | {r.rows} | {r.n_reused} | {r.head_cells} "
+                  f"| {r.tokens_per_s:.1f} |")
 
 
 def rho_sweep(args, out) -> None:
@@ -233,6 +234,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--process", default="gamma", help="process.kind: gamma, epsilon or mdlm")
+    ap.add_argument("--flat-rho", type=float, nargs="+", default=[1.0, 0.25], help="ρ of the Flat reuse table")
     ap.add_argument("--repeat", type=int, default=1, help="interleaved repeats of the KV-cache table (best kept)")
     ap.add_argument("--profile", action="store_true", help="print the top ops of a cached run, eager and lazy")
     ap.add_argument("--eager-cache", action="store_true", help="also time the cached run with the head everywhere")
