@@ -14,6 +14,7 @@ generation step only runs the active window (App. B.4).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -47,7 +48,9 @@ class KVCache:
     ``length`` cells are cached. In a forward with the cache, every layer's new keys/values are
     written at [length, length + L) and attention uses the buffer's first length + L entries
     (no ``torch.cat``); afterwards ``length`` advances by the forward's ``commit``, keeping the
-    first ``commit`` new cells. Meant for inference (``torch.no_grad``).
+    first ``commit`` new cells. Meant for inference (``torch.no_grad``). Inside ``with
+    cache.subset(rows)`` a forward runs over those sequences only and reads the cache without
+    writing it (it may commit nothing): the generation driver leaves out sequences that need no output.
     """
 
     def __init__(self, n_layers: int, batch: int, max_len: int, n_heads: int, head_dim: int,
@@ -57,6 +60,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.length = 0
         self.start = 0  # index of the first cached cell (cells before it were dropped)
+        self.rows: Tensor | None = None  # the sequences of a read-only forward (see subset)
 
     @property
     def n_layers(self) -> int:
@@ -91,9 +95,21 @@ class KVCache:
             raise ValueError(f"KVCache.truncate({n}): must be in [0, length = {self.length}]")
         self.length = n
 
+    @contextlib.contextmanager
+    def subset(self, rows: Tensor | None):
+        """Forwards inside run over the sequences ``rows`` (B,) bool only, reading the cache (None: all)."""
+        self.rows = None if rows is None else rows.nonzero(as_tuple=True)[0]
+        try:
+            yield self
+        finally:
+            self.rows = None
+
     def check_room(self, batch: int, new: int, commit: int) -> None:
-        if batch != self.batch:
-            raise ValueError(f"KVCache: batch {batch} does not match the cache's batch {self.batch}")
+        expected = self.batch if self.rows is None else len(self.rows)
+        if batch != expected:
+            raise ValueError(f"KVCache: batch {batch} does not match the cache's batch {expected}")
+        if self.rows is not None and commit:
+            raise ValueError("KVCache: a forward over a subset of the sequences cannot commit cells")
         if not 0 <= commit <= new:
             raise ValueError(f"KVCache: commit = {commit} must be in [0, {new}] (the number of new cells)")
         if self.length + new > self.max_len:
@@ -101,6 +117,9 @@ class KVCache:
 
     def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write this layer's new k, v (B, H, L, D) after the cached ones; return cached ⁀ new."""
+        if self.rows is not None:  # read-only: cached (those sequences) ⁀ new
+            return (torch.cat([self.k[layer][self.rows, :, : self.length], k], dim=2),
+                    torch.cat([self.v[layer][self.rows, :, : self.length], v], dim=2))
         end = self.length + k.shape[2]
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v

@@ -70,6 +70,7 @@ class Stream(IntEnum):
     BOUND_SAMPLE = 7  # a continuous-estimate draw of one sequence: (seed, sequence, draw)
     BOUND_BATCH = 8  # what a continuous-estimate draw shares: (seed, draw)
     FORWARD_NOISE = 9  # a sample's forward-process draws, apart from its interval phases: (sample seed,)
+    GENERATE = 10  # one generated sequence's draws: (seed, sequence index)
 
 
 _M64 = (1 << 64) - 1

@@ -161,6 +161,12 @@ class Process(ABC):
         s_now, s_next = levels64(s_now, x), levels64(s_next, x)
         return torch.where((s_next < s_now).unsqueeze(-1), probs, one_hot(x, self.N + 1, probs.dtype))
 
+    def kernel_stay(self, x: Tensor, s_now, s_next, kernel: str) -> Tensor | None:
+        """P(x_s = x_t) under ``kernel`` where it does not depend on the model's output, NaN where it
+        does (float64, x's shape), or None when it always does: the samplers decide those positions
+        before the model runs and read no output where a token cannot change (issue #16.4)."""
+        return None
+
     def kernel_ar(self, raw: Tensor, x: Tensor, s_now, s_next) -> Tensor:
         """𝒯 = 1 (Quench): the token is drawn from softmax(raw); training fits raw by cross-entropy there."""
         return torch.cat([torch.softmax(raw, -1), torch.zeros_like(raw[..., :1])], dim=-1)

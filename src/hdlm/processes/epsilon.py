@@ -179,6 +179,18 @@ class EpsilonHybrid(Process):
         "auto" = "absorb"), whose trajectories never hold a substituted token."""
         return self._mean_kernel(raw, x, s_now, s_next, 0.0)
 
+    def kernel_stay(self, x: Tensor, s_now, s_next, kernel: str) -> Tensor | None:
+        """The mean kernels' stay probability is the model's only at a revealed token's last step
+        under ``posterior`` with ε > 0: a MASK stays with 1 − p_transfer, a revealed token otherwise stays."""
+        if kernel not in ("posterior", "ancestral"):
+            return None
+        s_now, s_next = levels64(s_now, x), levels64(s_next, x)
+        stay = torch.where(x == self.mask_id, 1.0 - self.transfer_prob(s_now, s_next).to(torch.float64),
+                           torch.ones_like(s_now))
+        if kernel == "posterior" and self.epsilon > 0:  # resampled from p̂ at its last step
+            stay = stay.masked_fill((x != self.mask_id) & (s_next == 0) & (s_next < s_now), float("nan"))
+        return torch.where(s_next < s_now, stay, torch.ones_like(stay))
+
     def _mean_kernel(self, raw: Tensor, x: Tensor, s_now, s_next, eps: float) -> Tensor:
         """Σ_ŷ q_ε(x_s | x_t, ŷ) softmax(raw)(ŷ) for the substitution rate ``eps`` (see :meth:`kernel_posterior`)."""
         N = self.N

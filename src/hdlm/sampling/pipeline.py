@@ -22,6 +22,7 @@ import torch
 from ..errors import HDLMError
 from ..runtime import resolve_device
 from .generate import GenerationResult, generate
+from .rng import SequenceGenerators
 from .samplers import make_sampler
 
 
@@ -37,7 +38,8 @@ def _merge(results: list[GenerationResult]) -> GenerationResult:
     return GenerationResult(tokens=tokens, n_model_calls=sum(r.n_model_calls for r in results), wall_time=wall,
                             tokens_per_s=generated / wall if wall > 0 else float("inf"), steps=results[0].steps,
                             prompt_len=results[0].prompt_len, sampler=results[0].sampler,
-                            hyperschedule=results[0].hyperschedule, trace=results[0].trace, lengths=lengths)
+                            hyperschedule=results[0].hyperschedule, trace=results[0].trace, lengths=lengths,
+                            n_reused=sum(r.n_reused for r in results))
 
 
 INFILL_GAP = re.compile(r"\[MASK(?::(\d+))?\]")
@@ -166,15 +168,15 @@ class HDLMPipeline:
         if isinstance(infill, str):
             infill = parse_infill(infill, self.tokenizer.encode, hs.d)
         eos = self.tokenizer.eos_id if stop_at_eos else None
-        gen = torch.Generator(device=self.device).manual_seed(int(opts.seed))
-        results = []
-        remaining = int(opts.num_samples)
-        while remaining > 0:
-            b = min(int(opts.batch_size), remaining)
+        results, done, total = [], 0, int(opts.num_samples)
+        while done < total:
+            b = min(int(opts.batch_size), total - done)
+            # sample i draws from its own stream (seed, i): the texts do not depend on the batch size
+            gen = SequenceGenerators(int(opts.seed), range(done, done + b), self.device)
             results.append(generate(self.model, self.process, hs, smp, b, prompt=ids, generator=gen,
                                     kv_cache=opts.kv_cache, trace=trace and not results, progress=progress,
                                     stop_at_eos=eos, infill=infill))
-            remaining -= b
+            done += b
             if on_batch is not None:
                 on_batch(b)
         return _merge(results)

@@ -28,7 +28,8 @@ float32 Gumbel-max of the SEDD/MDLM code, whose 24-bit uniforms truncate the Gum
 lower the effective temperature (Zheng et al., 2024; paper App. F.2, Table 5): it exists to
 reproduce the "FP32" columns, not for use. No rejection sampling, no repetition penalty.
 All randomness comes from the ``generator`` passed in: a fixed seed gives the same tokens on
-the same device.
+the same device. With :class:`~hdlm.sampling.rng.SequenceGenerators` every sequence draws from its
+own stream (``rows`` name the sequence of each drawn row), so its tokens do not depend on the batch.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ from ..config import DRAW_METHODS
 from ..config import SAMPLER_NAMES as SAMPLERS
 from ..errors import HDLMError
 from ..processes.base import levels64
+from .rng import SequenceGenerators, sequence_rows, uniforms
+
+Generator = torch.Generator | SequenceGenerators | None
 
 
 
@@ -73,15 +77,15 @@ def shape_log_probs(logp: Tensor, temperature: float = 1.0, top_k: int = 0, top_
     return logp
 
 
-def inverse_cdf_draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def inverse_cdf_draw(probs: Tensor, generator: Generator = None, rows: Tensor | None = None) -> Tensor:
     """Exact float64 draw from each row of ``probs`` (M, V) (non-negative, positive total).
 
     One uniform per row: the class is the first whose cumulative weight exceeds u · total.
-    A class of weight 0 is never returned.
+    A class of weight 0 is never returned. ``rows``: the sequence of each row (per-sequence generators).
     """
     p = probs.to(torch.float64)
     cdf = torch.cumsum(p, dim=-1)
-    u = torch.rand(p.shape[:-1], generator=generator, dtype=torch.float64, device=p.device)
+    u = uniforms(p.shape[:-1], generator, torch.float64, p.device, rows)
     target = (u * cdf[..., -1]).unsqueeze(-1)
     idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     # u * total may round up to total: fall back to the last class with positive weight
@@ -89,8 +93,8 @@ def inverse_cdf_draw(probs: Tensor, generator: torch.Generator | None = None) ->
     return torch.minimum(idx, last)
 
 
-def gumbel_max_draw(probs: Tensor, generator: torch.Generator | None = None,
-                    dtype: torch.dtype = torch.float64) -> Tensor:
+def gumbel_max_draw(probs: Tensor, generator: Generator = None,
+                    dtype: torch.dtype = torch.float64, rows: Tensor | None = None) -> Tensor:
     """Gumbel-max draw argmax_z p_z / E_z, E_z = -log U_z ~ Exp(1), computed in ``dtype``.
 
     This "exponential race" is Gumbel-max (argmax log p_z + G_z) without the second log, as the
@@ -100,7 +104,7 @@ def gumbel_max_draw(probs: Tensor, generator: torch.Generator | None = None,
     step) is under-drawn, which lowers the entropy of the samples (App. F.2).
     """
     p = probs.to(dtype)
-    u = torch.rand(p.shape, generator=generator, dtype=dtype, device=p.device)
+    u = uniforms(p.shape, generator, dtype, p.device, rows)
     race = -torch.log(u.clamp_min_(torch.finfo(dtype).tiny))
     return torch.argmax(p / race, dim=-1)
 
@@ -146,25 +150,25 @@ class Categorical:
         logp = torch.log(probs / probs.sum(-1, keepdim=True))
         return torch.softmax(shape_log_probs(logp, self.temperature, self.top_k, self.top_p), dim=-1)
 
-    def draw(self, probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """One class per row of the (unshaped) weights ``probs`` (M, V)."""
+    def draw(self, probs: Tensor, generator: Generator = None, rows: Tensor | None = None) -> Tensor:
+        """One class per row of the (unshaped) weights ``probs`` (M, V); ``rows``: each row's sequence."""
         if probs.shape[0] == 0:
             return torch.zeros(0, dtype=torch.long, device=probs.device)
         if not self.float64:
-            return gumbel_max_draw(probs, generator, torch.float32)
+            return gumbel_max_draw(probs, generator, torch.float32, rows)
         if self.method == "gumbel":
-            return gumbel_max_draw(probs, generator, torch.float64)
-        return inverse_cdf_draw(probs, generator)
+            return gumbel_max_draw(probs, generator, torch.float64, rows)
+        return inverse_cdf_draw(probs, generator, rows)
 
-    def sample(self, probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, probs: Tensor, generator: Generator = None, rows: Tensor | None = None) -> Tensor:
         """Shape then draw: one class per row of ``probs`` (M, V)."""
-        return self.draw(self.shape_probs(probs), generator)
+        return self.draw(self.shape_probs(probs), generator, rows)
 
-    def sample_logits(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample_logits(self, logits: Tensor, generator: Generator = None, rows: Tensor | None = None) -> Tensor:
         """Draw from softmax(logits) (M, V) after temperature / top-k / top-p."""
         logp = torch.log_softmax(logits.to(_work_dtype(logits)), dim=-1)
         return self.draw(torch.softmax(shape_log_probs(logp, self.temperature, self.top_k, self.top_p), -1),
-                         generator)
+                         generator, rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,27 +218,27 @@ class Sampler:
         self.process = process
         self.categorical = categorical or Categorical()
 
-    def step(self, raw: Tensor, x: Tensor, s_now, s_next, generator: torch.Generator | None = None) -> Tensor:
+    def step(self, raw: Tensor, x: Tensor, s_now, s_next, generator: Generator = None) -> Tensor:
         """x_{t+1} (B, A) from x_t (B, A), raw (B, A, N) and per-position levels (A,) or (B, A)."""
         if raw.shape[:-1] != x.shape:
             raise ValueError(f"{self.name} sampler: raw {tuple(raw.shape)} does not match x {tuple(x.shape)}")
         plan = self.plan(x, s_now, s_next, generator)
         return self.finish(plan, raw[plan.need], generator)
 
-    def plan(self, x: Tensor, s_now, s_next, generator: torch.Generator | None = None) -> StepPlan:
+    def plan(self, x: Tensor, s_now, s_next, generator: Generator = None) -> StepPlan:
         """The model-independent part of a step; by default every moving position needs its output."""
         s_now, s_next = levels64(s_now, x), levels64(s_next, x)
         moving = s_next < s_now
         return StepPlan(x, s_now, s_next, moving, moving, {})
 
-    def finish(self, plan: StepPlan, raw_need: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def finish(self, plan: StepPlan, raw_need: Tensor, generator: Generator = None) -> Tensor:
         """x_{t+1} from the plan and the outputs (M, N) at plan.need.nonzero() (row-major)."""
         out = plan.x.clone()
         if plan.moving.any():
             self._update(out, raw_need, plan, generator)
         return out
 
-    def _update(self, out: Tensor, raw_need: Tensor, plan: StepPlan, generator: torch.Generator | None) -> None:
+    def _update(self, out: Tensor, raw_need: Tensor, plan: StepPlan, generator: Generator) -> None:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -280,23 +284,40 @@ class KernelSampler(Sampler):
         shaped = self.categorical.shape_probs(torch.where(has_mass, real, torch.ones_like(real))) * mass
         return torch.cat([torch.where(has_mass, shaped, real), rest], dim=-1)
 
-    def _update(self, out, raw_need, plan, generator) -> None:
-        rows = plan.moving.nonzero(as_tuple=True)
-        x_rows = plan.x[rows]
-        probs = self._shape_real(self.step_probs(raw_need, x_rows, plan.s_now[rows], plan.s_next[rows]))
+    def plan(self, x: Tensor, s_now, s_next, generator: Generator = None) -> StepPlan:
+        """Two stages, exact by the chain rule: stay at x with probability p(x) (one float64 uniform
+        per moving position, drawn here), else draw over the other states. Where the process knows
+        p(x) without the model (``process.kernel_stay``: a MASK of the ε family stays with
+        1 − p_transfer, a revealed token stays) the first stage is decided here, and only the
+        positions that may move need an output (issue #16.4)."""
+        plan = super().plan(x, s_now, s_next, generator)
         if not self.categorical.float64:  # the reference code's single float32 draw over N+1 states
-            out[rows] = self.categorical.draw(probs, generator)
+            return plan
+        rows = plan.moving.nonzero(as_tuple=True)
+        u = uniforms(rows[0].shape, generator, torch.float64, x.device, rows[0])
+        known = self.process.kernel_stay(x, plan.s_now, plan.s_next, self.kernel)
+        known = torch.full_like(u, float("nan")) if known is None else known[rows]
+        plan.need = plan.moving.clone()
+        plan.need[rows] = known.isnan() | (u >= known)
+        plan.state.update(u=u[plan.need[rows]], known=~known[plan.need[rows]].isnan())
+        return plan
+
+    def _update(self, out, raw_need, plan, generator) -> None:
+        rows = plan.need.nonzero(as_tuple=True)
+        x_rows = plan.x[rows]
+        if not x_rows.numel():
             return
-        # Two stages, exact by the chain rule: stay at x with probability p(x) (one float64
-        # uniform per position), and draw over the other states only for the positions that
-        # move; in a small step most stay, so most rows skip the O(N) draw (DESIGN.md §9).
+        probs = self._shape_real(self.step_probs(raw_need, x_rows, plan.s_now[rows], plan.s_next[rows]))
+        if not self.categorical.float64:
+            out[rows] = self.categorical.draw(probs, generator, rows[0])
+            return
+        # in a small step most positions stay, so most rows skip the O(N) draw (DESIGN.md §9)
         stay = probs.gather(-1, x_rows.unsqueeze(-1)).squeeze(-1).to(torch.float64)
-        u = torch.rand(x_rows.shape, generator=generator, dtype=torch.float64, device=x_rows.device)
-        move = u >= stay
+        move = plan.state["known"] | (plan.state["u"] >= stay)
         new = x_rows.clone()
         if move.any():
             p_move = probs[move].scatter(-1, x_rows[move].unsqueeze(-1), 0.0)
-            drawn = self.categorical.draw(p_move, generator)
+            drawn = self.categorical.draw(p_move, generator, rows[0][move])
             # p(x) = 1 up to rounding: nothing else to go to, stay
             new[move] = torch.where(p_move.sum(-1) > 0, drawn, x_rows[move])
         out[rows] = new
@@ -333,7 +354,7 @@ class AncestralSampler(Sampler):
         c = self.categorical
         return torch.softmax(shape_log_probs(logp, c.temperature, c.top_k, c.top_p), dim=-1)
 
-    def plan(self, x: Tensor, s_now, s_next, generator: torch.Generator | None = None) -> StepPlan:
+    def plan(self, x: Tensor, s_now, s_next, generator: Generator = None) -> StepPlan:
         """The uniforms come first (they do not depend on the model): only the MASKs being revealed
         (and, for ACS, the tokens being corrected) need an output (issue #16.1a)."""
         plan = super().plan(x, s_now, s_next, generator)
@@ -346,7 +367,7 @@ class AncestralSampler(Sampler):
         if not self.categorical.float64:  # its random numbers come after the first draw
             plan.need = plan.moving & (masked | (self.eta > 0))
             return plan
-        u = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=x.device)
+        u = uniforms(x.shape, generator, torch.float64, x.device)
         change = plan.moving & masked & (u < p_transfer)
         if self.eta > 0:
             change |= plan.moving & ~masked & (u < self.eta * (1.0 - p_transfer))
@@ -358,7 +379,7 @@ class AncestralSampler(Sampler):
             self._update_float32(out, raw_need, plan, generator)
             return
         if raw_need.shape[0]:
-            out[plan.need] = self.categorical.draw(self._clean_probs(raw_need), generator)
+            out[plan.need] = self.categorical.draw(self._clean_probs(raw_need), generator, sequence_rows(plan.need))
 
     def _update_float32(self, out, raw_need, plan, generator) -> None:
         """MDLM's reference step (App. F.2 "FP32"): float32 Gumbel-max over [p_tr · p(z), 1 − p_tr]."""
@@ -366,11 +387,12 @@ class AncestralSampler(Sampler):
         reveal = moving & masked
         p_tr = p_transfer[reveal].unsqueeze(-1)
         joint = torch.cat([p_tr * self._clean_probs(rows_within(plan.need, reveal, raw_need)), 1.0 - p_tr], dim=-1)
-        out[reveal] = self.categorical.draw(joint, generator)  # index N = MASK stays MASK
+        out[reveal] = self.categorical.draw(joint, generator, sequence_rows(reveal))  # index N = MASK stays MASK
         if self.eta > 0:
-            u = torch.rand(x.shape, generator=generator, dtype=torch.float32, device=x.device)
+            u = uniforms(x.shape, generator, torch.float32, x.device)
             fix = moving & ~masked & (u < self.eta * (1.0 - p_transfer))
-            out[fix] = self.categorical.draw(self._clean_probs(rows_within(plan.need, fix, raw_need)), generator)
+            out[fix] = self.categorical.draw(self._clean_probs(rows_within(plan.need, fix, raw_need)), generator,
+                                             sequence_rows(fix))
 
 
 class PosteriorSampler(KernelSampler):
@@ -395,7 +417,7 @@ class ARSampler(Sampler):
     name = "ar"
 
     def _update(self, out, raw_need, plan, generator) -> None:
-        out[plan.moving] = self.categorical.sample_logits(raw_need, generator)
+        out[plan.moving] = self.categorical.sample_logits(raw_need, generator, sequence_rows(plan.moving))
 
 
 def make_sampler(name: str, process, *, hyperschedule=None, eta: float = 0.01, temperature: float = 1.0,
