@@ -28,13 +28,15 @@ N, D = 11, 12
 NOISE = LogLinear(1e-3)
 
 
-def tiny_model(shift: int = 0, settled: str = "causal", vocab: int = N, length: int = D) -> HDLMTransformer:
+def tiny_model(shift: int = 0, settled: str = "causal", vocab: int = N, length: int = D, seed: int = 1,
+               **config) -> HDLMTransformer:
+    """A tiny float64 model with weights perturbed by ``seed`` (``config``: other ModelConfig fields)."""
     cfg = ModelConfig(vocab_size=vocab, length=length, n_layers=2, hidden=16, n_heads=2, mlp_ratio=2, cond_dim=8,
                       dropout=0.0, pad_vocab_to=8, configuration="shifted" if shift else "aligned",
-                      settled_attention=settled)
+                      settled_attention=settled, **config)
     torch.manual_seed(0)
     model = HDLMTransformer(cfg).double().eval()
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))

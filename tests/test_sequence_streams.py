@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hdlm.config import ModelConfig
 from hdlm.hyperschedule import block, flat, quench, slide
 from hdlm.model import HDLMTransformer
 from hdlm.processes import MDLM, EpsilonHybrid, GammaHybrid
@@ -80,15 +79,7 @@ def test_pipeline_texts_do_not_depend_on_the_batch_size(tmp_path):
 
 def untimed_model(weighted: bool = False, vocab: int = N) -> HDLMTransformer:
     """A tiny model without time conditioning (ε-hybrid / MDLM style, Table 1 (d))."""
-    cfg = ModelConfig(vocab_size=vocab, length=D, n_layers=2, hidden=16, n_heads=2, mlp_ratio=2, cond_dim=8,
-                      dropout=0.0, pad_vocab_to=8, time_conditioning=False, weighted_embedding=weighted)
-    torch.manual_seed(0)
-    model = HDLMTransformer(cfg).double().eval()
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
+    return tiny_model(vocab=vocab, seed=2, time_conditioning=False, weighted_embedding=weighted)
 
 
 def _counted(model, process, hs, sampler, reuse, prompt=None, kv_cache=False, batch=3):
