@@ -12,17 +12,42 @@ head FLOP is recomputed. The result equals the unchunked computation up to summa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-#: Logits per chunk (B × positions × N): 2^22 fp32 values = 16 MiB per block, small enough for
-#: the CPU's caches to matter little and large enough for the head's GEMM to stay efficient.
-HEAD_CHUNK_ELEMENTS = 1 << 22
+#: Logits per chunk (B × positions × N): 7 · 2^20 fp32 values = 28 MiB per block. Large enough for
+#: the head's GEMMs to run near the GEMM rate (≥ 150 rows at N = 50k), below the 32 MiB above which
+#: glibc serves every allocation by a fresh mmap, page-faulted again on each touch (each chunk
+#: allocates a few such blocks: logits, the loss's temporaries, their gradient).
+HEAD_CHUNK_ELEMENTS = 7 << 20
 
 Head = Callable[..., Tensor]  # head(x (B, k, h), *params) -> raw (B, k, N)
 TokenLoss = Callable[[Tensor, int, int], Tensor]  # loss(raw (B, k, N), lo, hi) -> per-token loss (B, k)
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """head(x, weight, bias=None) = post(x · weightᵀ + bias), ``post`` elementwise (None: identity;
+    e.g. Gemma's logit soft-cap). :func:`fused_head_loss` knows its backward: per chunk, autograd
+    runs only through ``post`` and the loss, and the weight gradient is accumulated in place by one
+    GEMM, where a generic head returns a fresh (N, h) gradient per chunk to be added (a page-faulted
+    allocation and three passes over N·h floats each time). ``F.linear`` is read as ``LinearHead()``."""
+
+    post: Callable[[Tensor], Tensor] | None = None
+
+    def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        raw = F.linear(x, weight, bias)
+        return raw if self.post is None else self.post(raw)
+
+
+def _as_linear(head: Head) -> LinearHead | None:
+    if isinstance(head, LinearHead):
+        return head
+    return LinearHead() if head is F.linear else None
 
 
 class _VocabReductions(torch.autograd.Function):
@@ -35,6 +60,7 @@ class _VocabReductions(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, raw: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.set_materialize_grads(False)  # an unused output costs no pass in the backward
         peak = raw.amax(dim=-1, keepdim=True)
         expd = torch.sub(raw, peak).exp_()
         total = expd.sum(dim=-1, keepdim=True)
@@ -44,8 +70,15 @@ class _VocabReductions(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lse: Tensor, g_entries: Tensor, g_sum: Tensor):
         expd, total, index = ctx.saved_tensors
-        grad = torch.mul(expd, (g_lse.unsqueeze(-1) / total).to(expd.dtype)).add_(g_sum.unsqueeze(-1).to(expd.dtype))
-        return grad.scatter_add_(-1, index, g_entries.to(expd.dtype)), None
+        if g_lse is None:
+            grad = torch.zeros_like(expd)
+        else:
+            grad = torch.mul(expd, (g_lse.unsqueeze(-1) / total).to(expd.dtype))
+        if g_sum is not None:
+            grad.add_(g_sum.unsqueeze(-1).to(expd.dtype))
+        if g_entries is not None:
+            grad.scatter_add_(-1, index, g_entries.to(expd.dtype))
+        return grad, None
 
 
 def vocab_reductions(raw: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,6 +105,29 @@ def _chunk_grads(x: Tensor, coef: Tensor, head: Head, loss: TokenLoss, params: S
     return per.detach(), [next(grads) if n else None for n in need]
 
 
+def _linear_chunk_grads(x: Tensor, coef: Tensor, head: LinearHead, loss: TokenLoss, params: Sequence[Tensor],
+                        lo: int, hi: int, acc: Sequence[Tensor | None]) -> tuple[Tensor, Tensor | None]:
+    """:func:`_chunk_grads` for a :class:`LinearHead`: the gradient w.r.t. x[:, lo:hi] returned, those of
+    the weight and bias added into ``acc`` (None where not needed)."""
+    B, h = x.shape[0], x.shape[-1]
+    # rows copied contiguous: F.linear on the (B, k, h) slice would run as a bmm over B copies of the weight
+    x_rows = x[:, lo:hi].detach().reshape(-1, h)
+    weight, bias = params[0].detach(), (params[1].detach() if len(params) > 1 else None)
+    with torch.enable_grad():
+        lin = F.linear(x_rows, weight, bias).view(B, hi - lo, -1).requires_grad_()
+        per = loss(lin if head.post is None else head.post(lin), lo, hi)
+        (g,) = torch.autograd.grad((per * coef[:, lo:hi]).sum(), lin)
+    rows = g.reshape(-1, g.shape[-1])
+    if acc[1] is not None:
+        if rows.dtype == x_rows.dtype == acc[1].dtype:
+            acc[1].addmm_(rows.t(), x_rows)
+        else:  # autocast: the GEMM in the low precision, accumulated in the parameter's
+            acc[1].add_(rows.t() @ x_rows)
+    if len(acc) > 2 and acc[2] is not None:
+        acc[2].add_(rows.sum(0))
+    return per.detach(), ((rows @ weight).view(B, hi - lo, h) if acc[0] is not None else None)
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """Σ coef · loss(head(x)) with the head's backward done chunk by chunk in the forward pass."""
 
@@ -80,16 +136,20 @@ class _FusedHeadLoss(torch.autograd.Function):
         need = [x.requires_grad] + [p.requires_grad for p in params]
         gx = torch.zeros_like(x) if need[0] else None
         gps = [torch.zeros_like(p) if n else None for p, n in zip(params, need[1:])]
-        values = []
+        values, linear = [], _as_linear(head)
         for lo in range(0, x.shape[1], chunk):
             hi = min(lo + chunk, x.shape[1])
-            per, grads = _chunk_grads(x, coef, head, loss, params, lo, hi, need)
+            if linear is not None:
+                per, g_x = _linear_chunk_grads(x, coef, linear, loss, params, lo, hi, [gx, *gps])
+            else:
+                per, grads = _chunk_grads(x, coef, head, loss, params, lo, hi, need)
+                g_x = grads[0]
+                for acc, g in zip(gps, grads[1:]):
+                    if acc is not None:
+                        acc += g
             values.append(per)
             if gx is not None:
-                gx[:, lo:hi] = grads[0]
-            for acc, g in zip(gps, grads[1:]):
-                if acc is not None:
-                    acc += g
+                gx[:, lo:hi] = g_x
         per_token = torch.cat(values, dim=1)
         ctx.mark_non_differentiable(per_token)
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in [gx, *gps]))
