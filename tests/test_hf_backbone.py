@@ -48,13 +48,14 @@ def float64_norms(monkeypatch):
     monkeypatch.setattr(Gemma3RMSNorm, "forward", lambda self, x: rms(x, self.eps) * (1.0 + self.weight))
 
 
-def hf_config(arch: str = "llama", vocab: int = HF_ROWS, bos: int = HF_BOS):
+def hf_config(arch: str = "llama", vocab: int = HF_ROWS, bos: int = HF_BOS, softcap: float | None = None):
     common = dict(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, bos_token_id=bos, eos_token_id=0,
                   initializer_range=0.3, tie_word_embeddings=arch == "gemma3")
     if arch == "gemma3":  # one sliding and one global layer (different rotary bases), q/k norms, scaled embedding
         return transformers.Gemma3TextConfig(head_dim=4, query_pre_attn_scalar=4, sliding_window=32,
-                                             layer_types=["sliding_attention", "full_attention"], **common)
+                                             layer_types=["sliding_attention", "full_attention"],
+                                             final_logit_softcapping=softcap, **common)
     return transformers.LlamaConfig(**common)
 
 
@@ -153,6 +154,29 @@ def test_training_layout_loss_equals_intervals_run_alone(kind, proc):
     cfg, model = convert_lm(reference_lm("llama", seed=2), kind=kind, proc=proc, n=11, d=16)
     torch.manual_seed(0)
     check_vectorised_loss_equals_intervals_run_alone(cfg, model, build_objective(cfg, 11), kind)
+
+
+@pytest.mark.parametrize("arch,softcap", [("llama", None), ("gemma3", 0.7)])
+def test_fused_chunked_head_loss_equals_unchunked_on_the_hf_backbone(arch, softcap):
+    """The objective's fused head + loss (hdlm.head_loss.LinearHead: the soft-cap differentiated per
+    chunk, the weight gradient accumulated in place) against the plain head, loss and backward:
+    loss and every gradient within 1e-10 (float64), a soft-cap small enough to bend the logits."""
+    cfg, model = convert_lm(reference_lm(arch, seed=3, softcap=softcap), kind="block", proc="gamma", n=11, d=16)
+    assert model.softcap == softcap
+    obj = build_objective(cfg, 11)
+    y = torch.randint(11, (2, 16), generator=torch.Generator().manual_seed(1))
+    results = []
+    for chunk in (0, 2 * 11 * 3):  # unchunked; three positions per chunk
+        obj.head_chunk = chunk
+        model.zero_grad(set_to_none=True)
+        loss, _ = obj(model, y, torch.tensor([1, 2]), 5)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (ref, ref_grads), (got, grads) = results
+    assert ref_grads.keys() == grads.keys() and float(ref) != 0.0
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=0)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-10, rtol=0, msg=name)
 
 
 CACHE_CASES = {

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from . import masks as masks_lib
 from .config import ModelConfig
 from .errors import HDLMError
+from .head_loss import LinearHead
 from .model import KVCache, NoiseEmbedding, _select
 from .sparse_attention import BlockSparseMask, block_sparse_attention
 
@@ -198,6 +199,7 @@ class HFBackbone(nn.Module):
         self.n_kv_heads = conf.num_key_value_heads or conf.num_attention_heads
         self.head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads
         self.softcap = getattr(conf, "final_logit_softcapping", None)
+        self._head = LinearHead(self._softcap if self.softcap is not None else None)
         hidden = conf.hidden_size
         self.special_embedding = nn.Parameter(torch.zeros(2, hidden))  # input vectors of MASK and BOS
         self.noise_embedding = NoiseEmbedding(cfg.cond_dim) if cfg.time_conditioning else None
@@ -306,12 +308,12 @@ class HFBackbone(nn.Module):
         bias = self.head.bias[: self.n_real] if self.head.bias is not None else None
         params = (self.head.weight[: self.n_real],) + ((bias,) if bias is not None else ())
         if head_loss is not None:
-            return head_loss(x, self._logits, params)
+            return head_loss(x, self._head, params)
         return self._logits(x, *params)
 
     def _logits(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """The head: logits over the N real tokens, soft-capped like the HF model when it is."""
-        raw = F.linear(x, weight, bias)
-        if self.softcap is not None:
-            raw = torch.tanh(raw / self.softcap) * self.softcap
-        return raw
+        return self._head(x, weight, bias)
+
+    def _softcap(self, raw: Tensor) -> Tensor:
+        return torch.tanh(raw / self.softcap) * self.softcap
