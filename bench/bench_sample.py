@@ -150,7 +150,7 @@ def cache_table(args, out) -> None:
           "| ideal (n+1)/2 | 90% ideal | blocks ÷ ideal | cells × | FLOP × | blocks GFLOP/s no cache / cache |"
           "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     run_one(model, process, make_hyperschedule("block", d, width=d // 4, rho=d // 8), args, kv_cache=True)  # warm-up
-    for div in (4, 16):
+    for div in args.blocks:
         hs = make_hyperschedule("block", d, width=d // div)
         if args.profile:
             profile(model, process, hs, args)
@@ -234,7 +234,10 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--process", default="gamma", help="process.kind: gamma, epsilon or mdlm")
-    ap.add_argument("--flat-rho", type=float, nargs="+", default=[1.0, 0.25], help="ρ of the Flat reuse table")
+    ap.add_argument("--flat-rho", type=float, nargs="*", default=[1.0, 0.25],
+                    help="ρ of the Flat reuse table (none: no Flat table)")
+    ap.add_argument("--blocks", type=int, nargs="*", default=[4, 16], metavar="N",
+                    help="Block with n blocks (ω = d/n) in the KV-cache table (none: no KV-cache table)")
     ap.add_argument("--repeat", type=int, default=1, help="interleaved repeats of the KV-cache table (best kept)")
     ap.add_argument("--profile", action="store_true", help="print the top ops of a cached run, eager and lazy")
     ap.add_argument("--eager-cache", action="store_true", help="also time the cached run with the head everywhere")
@@ -248,8 +251,10 @@ def main() -> None:
            "args": vars(args), "cache": [], "lazy": [], "rho": []}
     out["gemm_gflops"] = gemm_rate(args.device)
     print(f"{out['machine']}; fp32 GEMM 1024³: {out['gemm_gflops']:.0f} GFLOP/s (measured now)")
-    cache_table(args, out)
-    flat_table(args, out)
+    if args.blocks:
+        cache_table(args, out)
+    if args.flat_rho:
+        flat_table(args, out)
     if not args.skip_rho:
         rho_sweep(args, out)
     if args.long:

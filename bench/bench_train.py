@@ -19,12 +19,14 @@ FLOP count itself allows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
 
 import torch
 
+from hdlm import head_loss
 from hdlm.config import load_config
 from hdlm.masks import block_sparse_mask, dense_mask
 from hdlm.model import HDLMTransformer
@@ -62,11 +64,6 @@ def flop_parts(cfg, L: int, n_out: int, mask_true: int, B: int) -> dict:
     return {"transformer": 3.0 * B * (per_cell * L + attn), "head": 3.0 * B * head}
 
 
-def step_flops(cfg, L: int, n_out: int, mask_true: int, B: int) -> float:
-    """Forward + backward FLOPs (3× forward) of one training step."""
-    return sum(flop_parts(cfg, L, n_out, mask_true, B).values())
-
-
 def measure(cfg, single: bool, B: int, steps: int, device: str = "cpu", head_chunk: int | None = None,
             fused_adamw: bool = True, profile: bool = False) -> dict:
     """Mean over ``steps`` (after one warm-up) of a training step; ``head_chunk`` logits per chunk of the
@@ -82,23 +79,12 @@ def measure(cfg, single: bool, B: int, steps: int, device: str = "cpu", head_chu
     y = torch.randint(cfg.model.vocab_size, (B, d), device=device)
     times, denoised, flops = [], 0, 0.0
     for k in range(steps + 1):
-        seeds = torch.arange(B) + 1000 * k
-        _sync(device)
-        t0 = time.perf_counter()
-        loss, _ = obj(model, y, seeds, k, single=single)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        dt = time.perf_counter() - t0
+        dt, what = timed_step(model, opt, obj, y, k, single, obj.attention, device)
         if k == 0:
             continue  # warm-up
-        tc = obj.cells(y, seeds, k, single=single)
-        mask = dense_mask(tc.cells.layout, tc.cells.layout)
-        n_out = tc.diff_index.numel() + tc.ce_index.numel()
         times.append(dt)
-        denoised += B * tc.diff_index.numel()
-        flops += step_flops(cfg, mask.shape[0], n_out, int(mask.sum()), B)
+        denoised += what["denoised"]
+        flops += what["transformer"] + what["head"]
     total = sum(times)
     out = {"layout": "single" if single else "efficient", "seconds_per_step": total / steps,
            "denoised_tokens_per_s": denoised / total, "tokens_per_s": B * d * steps / total,
@@ -124,8 +110,24 @@ def profile_step(model, obj, opt, y, B: int, top: int = 6, attention: str | None
     return [(e.key, e.self_cpu_time_total / 1e3) for e in events]
 
 
-VARIANTS = {"before (unchunked head, AdamW loop)": (0, False), "chunked head + loss": (None, False),
-            "chunked head + loss, fused AdamW": (None, True)}
+# (logits per head chunk: 0 unchunked, None the default; fused AdamW; the linear head's in-place path)
+VARIANTS = {"before (unchunked head, AdamW loop)": (0, False, True),
+            "chunked head + loss (16 MiB chunks, generic head)": (1 << 22, False, False),
+            "+ fused AdamW": (1 << 22, True, False),
+            "+ linear head: weight gradient in place, 28 MiB chunks": (None, True, True)}
+
+
+@contextlib.contextmanager
+def generic_head(on: bool):
+    """With ``on``, hdlm.head_loss treats F.linear as an arbitrary head (the path before LinearHead:
+    a fresh weight gradient per chunk, added), to time the two side by side."""
+    saved = head_loss._as_linear
+    if on:
+        head_loss._as_linear = lambda head: None
+    try:
+        yield
+    finally:
+        head_loss._as_linear = saved
 
 
 def run_variants(args, rate_before: float, device: str) -> list[dict]:
@@ -137,8 +139,10 @@ def run_variants(args, rate_before: float, device: str) -> list[dict]:
     rows = []
     for (name, over), B in zip(sizes.items(), (16, 4)):
         cfg = load_config(None, [*over, "model.dropout=0", "schedule.kind=block", "process.kind=gamma"])
-        for variant, (chunk, fused) in VARIANTS.items():
-            r = measure(cfg, False, B, args.steps, device, head_chunk=chunk, fused_adamw=fused, profile=args.profile)
+        for variant, (chunk, fused, linear) in VARIANTS.items():
+            with generic_head(not linear):
+                r = measure(cfg, False, B, args.steps, device, head_chunk=chunk, fused_adamw=fused,
+                            profile=args.profile)
             r.update(size=name, variant=variant, gemm_fraction=r["gflops_per_s"] * 1e9 / rate_before)
             rows.append(r)
             print(f"| {name} | {variant} | {r['seconds_per_step']:.3f} | {r['tokens_per_s']:.0f} | "
@@ -156,7 +160,7 @@ def layout_config(args, width: int):
                               "process.kind=gamma"])
 
 
-def timed_step(model, opt, obj, y, k: int, single: bool, mode: str, device: str) -> tuple[float, dict]:
+def timed_step(model, opt, obj, y, k: int, single: bool, mode: str | None, device: str) -> tuple[float, dict]:
     """One training step with attention ``mode``: its seconds and what it computed (denoised tokens,
     query-key pairs computed, analytic FLOPs)."""
     B = y.shape[0]
@@ -173,7 +177,7 @@ def timed_step(model, opt, obj, y, k: int, single: bool, mode: str, device: str)
     tc = obj.cells(y, seeds, k, single=single)
     lay = tc.cells.layout
     pairs = len(lay) ** 2
-    computed = block_sparse_mask(lay, lay).computed if mode == "sparse" else pairs
+    computed = block_sparse_mask(lay, lay).computed if mode == "sparse" else pairs  # None: auto, as dense here
     n_out = tc.diff_index.numel() + tc.ce_index.numel()
     parts = flop_parts(obj.cfg, len(lay), n_out, int(dense_mask(lay, lay).sum()), B)
     return dt, {"denoised": B * tc.diff_index.numel(), "computed": computed, "pairs": pairs, **parts}
@@ -270,7 +274,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--variants", action="store_true", help="#16.3 table: unchunked head / chunked / fused AdamW")
+    ap.add_argument("--variants", action="store_true",
+                    help="#16.3 table: unchunked head / chunked / fused AdamW / linear head, weight gradient in place")
     ap.add_argument("--profile", action="store_true", help="top ops of one step (per variant with --variants, "
                     "per attention mode otherwise)")
     args = ap.parse_args()
