@@ -27,8 +27,10 @@ import time
 import torch
 
 from hdlm import head_loss
+from hdlm.allocator import keep_freed_memory
 from hdlm.config import load_config
 from hdlm.masks import block_sparse_mask, dense_mask
+from hdlm.conditioning import Conditioning
 from hdlm.model import HDLMTransformer
 from hdlm.objective import build_objective
 from hdlm.optim import adamw_kernel
@@ -110,11 +112,29 @@ def profile_step(model, obj, opt, y, B: int, top: int = 6, attention: str | None
     return [(e.key, e.self_cpu_time_total / 1e3) for e in events]
 
 
-# (logits per head chunk: 0 unchunked, None the default; fused AdamW; the linear head's in-place path)
-VARIANTS = {"before (unchunked head, AdamW loop)": (0, False, True),
-            "chunked head + loss (16 MiB chunks, generic head)": (1 << 22, False, False),
-            "+ fused AdamW": (1 << 22, True, False),
-            "+ linear head: weight gradient in place, 28 MiB chunks": (None, True, True)}
+# (logits per head chunk: 0 unchunked, None the default; fused AdamW; the linear head's in-place path;
+# hdlm.allocator.keep_freed_memory; adaLN once per noise level (hdlm.conditioning.Conditioning))
+VARIANTS = {"before (unchunked head, AdamW loop)": (0, False, True, False, False),
+            "chunked head + loss (16 MiB chunks, generic head)": (1 << 22, False, False, False, False),
+            "+ fused AdamW": (1 << 22, True, False, False, False),
+            "+ linear head: weight gradient in place, 28 MiB chunks": (None, True, True, False, False),
+            "+ malloc keeps freed memory (no page faults)": (7 << 20, True, True, True, False),
+            "+ adaLN once per noise level": (7 << 20, True, True, True, True),
+            "+ 112 MiB head chunks (the default once memory is kept)": (None, True, True, True, True)}
+
+
+@contextlib.contextmanager
+def adaln_per_cell(on: bool):
+    """With ``on``, the noise embedding and adaLN run on every cell (before hdlm.model.Conditioning
+    computed them once per distinct level), to time the two side by side."""
+    saved = Conditioning.of
+    if on:
+        Conditioning.of = classmethod(lambda cls, embed, sigma: cls(embed(sigma.reshape(-1)), None,
+                                                                    tuple(sigma.shape)))
+    try:
+        yield
+    finally:
+        Conditioning.of = saved
 
 
 @contextlib.contextmanager
@@ -131,23 +151,26 @@ def generic_head(on: bool):
 
 
 def run_variants(args, rate_before: float, device: str) -> list[dict]:
-    """#16.3: the head/loss/optimizer changes one after another, at the default preset and at 4 × 256 GPT-2."""
+    """#16.3: the head/loss/optimizer/allocator changes one after another, at the default preset and at
+    4 × 256 GPT-2. Variant-major, as the allocator setting cannot be undone within a process."""
     sizes = {"default preset (d=128, 4x256, BERT 30522, block w=4, batch 16)":
-             ["model.length=128", "model.vocab_size=30522", "schedule.width=4"],
+             (["model.length=128", "model.vocab_size=30522", "schedule.width=4"], 16),
              "4x256 GPT-2 (d=256, vocab 50257, block w=64, batch 4)":
-             ["model.length=256", "model.vocab_size=50257", "schedule.width=64"]}
+             (["model.length=256", "model.vocab_size=50257", "schedule.width=64"], 4)}
     rows = []
-    for (name, over), B in zip(sizes.items(), (16, 4)):
-        cfg = load_config(None, [*over, "model.dropout=0", "schedule.kind=block", "process.kind=gamma"])
-        for variant, (chunk, fused, linear) in VARIANTS.items():
-            with generic_head(not linear):
+    for variant, (chunk, fused, linear, keep, per_level) in VARIANTS.items():
+        if keep:
+            assert keep_freed_memory(), "glibc mallopt unavailable (or HDLM_MALLOC=system)"
+        for name, (over, B) in sizes.items():
+            cfg = load_config(None, [*over, "model.dropout=0", "schedule.kind=block", "process.kind=gamma"])
+            with generic_head(not linear), adaln_per_cell(not per_level):
                 r = measure(cfg, False, B, args.steps, device, head_chunk=chunk, fused_adamw=fused,
                             profile=args.profile)
             r.update(size=name, variant=variant, gemm_fraction=r["gflops_per_s"] * 1e9 / rate_before)
             rows.append(r)
             print(f"| {name} | {variant} | {r['seconds_per_step']:.3f} | {r['tokens_per_s']:.0f} | "
                   f"{r['gflops_per_s']:.1f} | {100 * r['gemm_fraction']:.0f}% |", flush=True)
-    return rows
+    return sorted(rows, key=lambda r: list(sizes).index(r["size"]))  # stable: variants in order per size
 
 
 ATTENTION = ("dense", "sparse")  # boolean-mask SDPA vs block-sparse (hdlm.sparse_attention / FlexAttention)
@@ -275,7 +298,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
     ap.add_argument("--variants", action="store_true",
-                    help="#16.3 table: unchunked head / chunked / fused AdamW / linear head, weight gradient in place")
+                    help="#16.3 table: unchunked head / chunked / fused AdamW / linear head, weight gradient in place / "
+                    "malloc keeping freed memory / adaLN once per noise level / 112 MiB head chunks")
     ap.add_argument("--profile", action="store_true", help="top ops of one step (per variant with --variants, "
                     "per attention mode otherwise)")
     args = ap.parse_args()

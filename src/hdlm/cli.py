@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from ._version import __version__
+from .allocator import keep_freed_memory
 from .errors import HDLMError
 
 # name -> (module, one-line help)
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0
+    keep_freed_memory()  # no page faults per step from malloc's mmap / trimming (hdlm.allocator)
     try:
         return int(args._run(args) or 0)
     except HDLMError as e:

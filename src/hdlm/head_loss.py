@@ -19,11 +19,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import allocator
+
 #: Logits per chunk (B × positions × N): 7 · 2^20 fp32 values = 28 MiB per block. Large enough for
 #: the head's GEMMs to run near the GEMM rate (≥ 150 rows at N = 50k), below the 32 MiB above which
 #: glibc serves every allocation by a fresh mmap, page-faulted again on each touch (each chunk
 #: allocates a few such blocks: logits, the loss's temporaries, their gradient).
 HEAD_CHUNK_ELEMENTS = 7 << 20
+#: The chunk when malloc keeps freed memory (:func:`hdlm.allocator.keep_freed_memory`, as the ``hdlm``
+#: command line does): 112 MiB, with no fault to pay the GEMMs get more rows (4-6% a training step at
+#: 4 × 256 on a 2-core CPU, flat beyond it: bench/RESULTS.md, issue #16.3).
+KEPT_HEAD_CHUNK_ELEMENTS = 28 << 20
+
+
+def head_chunk_elements() -> int:
+    """The default logits per chunk of :func:`fused_head_loss` in this process (see above)."""
+    return KEPT_HEAD_CHUNK_ELEMENTS if allocator.in_effect() else HEAD_CHUNK_ELEMENTS
+
 
 Head = Callable[..., Tensor]  # head(x (B, k, h), *params) -> raw (B, k, N)
 TokenLoss = Callable[[Tensor, int, int], Tensor]  # loss(raw (B, k, N), lo, hi) -> per-token loss (B, k)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import masks as masks_lib
+from .conditioning import Conditioning
 from .config import ModelConfig
 from .errors import HDLMError
 from .sparse_attention import BlockSparseMask, block_sparse_attention
@@ -270,12 +271,12 @@ class DiTBlock(nn.Module):
         out = attend(q, k, v, mask, self.explicit_attention)
         return self.proj(out.transpose(1, 2).reshape(B, L, h))
 
-    def forward(self, x: Tensor, c: Tensor | None, rotary: tuple[Tensor, Tensor], mask: Any,
+    def forward(self, x: Tensor, c: Conditioning | None, rotary: tuple[Tensor, Tensor], mask: Any,
                 cache: KVCache | None, layer: int) -> Tensor:
         if self.adaLN is None:
             x = x + self.dropout(self.attention(self.norm1(x), rotary, mask, cache, layer))
             return x + self.dropout(self.mlp(self.norm2(x)))
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = c.rows(self.adaLN).chunk(6, dim=-1)
         x = x + gate1 * self.dropout(self.attention(modulate(self.norm1(x), shift1, scale1), rotary, mask,
                                                     cache, layer))
         return x + gate2 * self.dropout(self.mlp(modulate(self.norm2(x), shift2, scale2)))
@@ -466,7 +467,7 @@ class HDLMTransformer(nn.Module):
         if self.noise_embedding is not None:
             if sigma is None:
                 raise ValueError("sigma is required when the model is time-conditioned")
-            c = F.silu(self.noise_embedding(sigma))
+            c = Conditioning.of(lambda levels: F.silu(self.noise_embedding(levels)), sigma)
         rotary = rotary_cos_sin(positions, self.head_dim, x.dtype, self.rotary_inv_freq)
         for layer, block in enumerate(self.blocks):
             x = block(x, c, rotary, mask, cache, layer)
@@ -474,10 +475,10 @@ class HDLMTransformer(nn.Module):
             cache.advance(commit)
 
         if out_index is not None:  # the head is most of the compute: run it only where needed (DESIGN §9)
-            x, c = _select(x, out_index), _select(c, out_index)
+            x, c = _select(x, out_index), (c.select(out_index) if c is not None else None)
         x = self.norm_final(x)
         if self.adaLN_final is not None:
-            shift, scale = self.adaLN_final(c).chunk(2, dim=-1)
+            shift, scale = c.rows(self.adaLN_final).chunk(2, dim=-1)
             x = modulate(x, shift, scale)
         n = self.n_columns if all_columns else self.n_real
         if head_loss is not None:

@@ -16,7 +16,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .head_loss import HEAD_CHUNK_ELEMENTS, TokenLoss, chunk_positions, fused_head_loss
+from .head_loss import TokenLoss, chunk_positions, fused_head_loss, head_chunk_elements
 from .hyperschedule import from_config
 from .layout import attention_mask, training_cells
 from .processes import cross_entropy, make_process
@@ -42,7 +42,7 @@ class Objective:
         self.settled_attention = cfg.model.settled_attention
         self.block_width = self.hyperschedule.width
         #: logits per chunk of the fused head + loss (hdlm.head_loss); 0: the plain unchunked head
-        self.head_chunk = HEAD_CHUNK_ELEMENTS
+        self.head_chunk = head_chunk_elements()
         #: attention backend switch of hdlm.layout.attention_mask (None: $HDLM_ATTENTION, else auto)
         self.attention: str | None = None
 
