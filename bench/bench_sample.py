@@ -36,6 +36,7 @@ import time
 
 import torch
 
+from hdlm.allocator import keep_freed_memory
 from hdlm.config import load_config
 from hdlm.hyperschedule import make_hyperschedule
 from hdlm.model import HDLMTransformer
@@ -245,7 +246,11 @@ def main() -> None:
     ap.add_argument("--skip-rho", action="store_true", help="leave out the ρ sweep")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc's malloc defaults (hdlm's CLI keeps freed memory: hdlm.allocator)")
     args = ap.parse_args()
+    if not args.system_malloc:
+        keep_freed_memory()  # as every hdlm command does
     out = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                       f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}",
            "args": vars(args), "cache": [], "lazy": [], "rho": []}

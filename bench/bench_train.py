@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import platform
+import resource
 import time
 
 import torch
@@ -66,33 +67,42 @@ def flop_parts(cfg, L: int, n_out: int, mask_true: int, B: int) -> dict:
     return {"transformer": 3.0 * B * (per_cell * L + attn), "head": 3.0 * B * head}
 
 
-def measure(cfg, single: bool, B: int, steps: int, device: str = "cpu", head_chunk: int | None = None,
-            fused_adamw: bool = True, profile: bool = False) -> dict:
-    """Mean over ``steps`` (after one warm-up) of a training step; ``head_chunk`` logits per chunk of the
-    fused head + loss (0: the plain unchunked head; None: the objective's default)."""
+def measure_interleaved(cfg, B: int, steps: int, settings: list[tuple], device: str = "cpu",
+                        fused_adamw: bool = True, profile: bool = False, single: bool = False) -> list[dict]:
+    """Mean seconds per training step (after one warm-up) of each setting (logits per head chunk: 0 the
+    plain unchunked head, None the objective's default; the linear head path; adaLN once per noise
+    level) on one model and optimizer, interleaved step by step so that a change of load hits them alike."""
     torch.manual_seed(0)
     model = HDLMTransformer(cfg.model).to(device)
     obj = build_objective(cfg, cfg.model.vocab_size)
-    if head_chunk is not None:
-        obj.head_chunk = head_chunk
+    default_chunk = obj.head_chunk
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **(adamw_kernel(list(model.parameters())) if fused_adamw
                                                            else {"foreach": False}))
     d = cfg.model.length
     y = torch.randint(cfg.model.vocab_size, (B, d), device=device)
-    times, denoised, flops = [], 0, 0.0
+    acc = [{"seconds": 0.0, "denoised": 0, "flops": 0.0, "faults": 0} for _ in settings]
     for k in range(steps + 1):
-        dt, what = timed_step(model, opt, obj, y, k, single, obj.attention, device)
-        if k == 0:
-            continue  # warm-up
-        times.append(dt)
-        denoised += what["denoised"]
-        flops += what["transformer"] + what["head"]
-    total = sum(times)
-    out = {"layout": "single" if single else "efficient", "seconds_per_step": total / steps,
-           "denoised_tokens_per_s": denoised / total, "tokens_per_s": B * d * steps / total,
-           "gflops_per_s": flops / total / 1e9}
-    if profile:
-        out["top_ops"] = profile_step(model, obj, opt, y, B)
+        for (chunk, linear, per_level), a in zip(settings, acc):
+            obj.head_chunk = default_chunk if chunk is None else chunk
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            with generic_head(not linear), adaln_per_cell(not per_level):
+                dt, what = timed_step(model, opt, obj, y, k, single, obj.attention, device)
+            if k:  # step 0 is the warm-up
+                a["faults"] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+                a["seconds"] += dt
+                a["denoised"] += what["denoised"]
+                a["flops"] += what["transformer"] + what["head"]
+    out = []
+    for (chunk, linear, per_level), a in zip(settings, acc):
+        total = a["seconds"]
+        r = {"layout": "single" if single else "efficient", "seconds_per_step": total / steps,
+             "denoised_tokens_per_s": a["denoised"] / total, "tokens_per_s": B * d * steps / total,
+             "gflops_per_s": a["flops"] / total / 1e9, "page_faults_per_step": a["faults"] / steps}
+        if profile:
+            obj.head_chunk = default_chunk if chunk is None else chunk
+            with generic_head(not linear), adaln_per_cell(not per_level):
+                r["top_ops"] = profile_step(model, obj, opt, y, B)
+        out.append(r)
     return out
 
 
@@ -152,24 +162,29 @@ def generic_head(on: bool):
 
 def run_variants(args, rate_before: float, device: str) -> list[dict]:
     """#16.3: the head/loss/optimizer/allocator changes one after another, at the default preset and at
-    4 × 256 GPT-2. Variant-major, as the allocator setting cannot be undone within a process."""
+    4 × 256 GPT-2. The variants that share an optimizer kind and the allocator setting run interleaved
+    step by step on one model; the groups run in order (the allocator setting is not undone in a process)."""
     sizes = {"default preset (d=128, 4x256, BERT 30522, block w=4, batch 16)":
              (["model.length=128", "model.vocab_size=30522", "schedule.width=4"], 16),
              "4x256 GPT-2 (d=256, vocab 50257, block w=64, batch 4)":
              (["model.length=256", "model.vocab_size=50257", "schedule.width=64"], 4)}
+    groups: dict[tuple, list[str]] = {}
+    for variant, (_, fused, _, keep, _) in VARIANTS.items():
+        groups.setdefault((fused, keep), []).append(variant)
     rows = []
-    for variant, (chunk, fused, linear, keep, per_level) in VARIANTS.items():
+    for (fused, keep), names in groups.items():
         if keep:
             assert keep_freed_memory(), "glibc mallopt unavailable (or HDLM_MALLOC=system)"
-        for name, (over, B) in sizes.items():
+        for size, (over, B) in sizes.items():
             cfg = load_config(None, [*over, "model.dropout=0", "schedule.kind=block", "process.kind=gamma"])
-            with generic_head(not linear), adaln_per_cell(not per_level):
-                r = measure(cfg, False, B, args.steps, device, head_chunk=chunk, fused_adamw=fused,
-                            profile=args.profile)
-            r.update(size=name, variant=variant, gemm_fraction=r["gflops_per_s"] * 1e9 / rate_before)
-            rows.append(r)
-            print(f"| {name} | {variant} | {r['seconds_per_step']:.3f} | {r['tokens_per_s']:.0f} | "
-                  f"{r['gflops_per_s']:.1f} | {100 * r['gemm_fraction']:.0f}% |", flush=True)
+            settings = [(VARIANTS[n][0], VARIANTS[n][2], VARIANTS[n][4]) for n in names]
+            for variant, r in zip(names, measure_interleaved(cfg, B, args.steps, settings, device, fused,
+                                                              args.profile)):
+                r.update(size=size, variant=variant, gemm_fraction=r["gflops_per_s"] * 1e9 / rate_before)
+                rows.append(r)
+                print(f"| {size} | {variant} | {r['seconds_per_step']:.3f} | {r['tokens_per_s']:.0f} | "
+                      f"{r['gflops_per_s']:.1f} | {100 * r['gemm_fraction']:.0f}% | {r['page_faults_per_step']:.0f} |",
+                      flush=True)
     return sorted(rows, key=lambda r: list(sizes).index(r["size"]))  # stable: variants in order per size
 
 
@@ -306,7 +321,7 @@ def main() -> None:
     rate = gemm_rate(args.device)
     if args.variants:
         print(f"fp32 GEMM: {rate / 1e9:.1f} GFLOP/s")
-        print("| size | variant | s/step | tokens/s | GFLOP/s | of GEMM |\n|---|---|---|---|---|---|")
+        print("| size | variant | s/step | tokens/s | GFLOP/s | of GEMM | page faults/step |\n|---|---|---|---|---|---|---|")
         rows = run_variants(args, rate, args.device)
         after = gemm_rate(args.device)
         print(f"fp32 GEMM after: {after / 1e9:.1f} GFLOP/s")

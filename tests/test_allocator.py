@@ -65,3 +65,21 @@ def test_head_chunk_grows_only_when_freed_memory_is_kept(monkeypatch):
     assert head_loss.HEAD_CHUNK_ELEMENTS * 4 < 32 << 20  # below glibc's mmap ceiling (bytes)
     monkeypatch.setattr(allocator, "_applied", True)
     assert head_loss.head_chunk_elements() == head_loss.KEPT_HEAD_CHUNK_ELEMENTS > head_loss.HEAD_CHUNK_ELEMENTS
+
+
+def test_docs_state_the_switch_and_chunk_sizes_the_code_has():
+    import re
+    from pathlib import Path
+
+    from hdlm import allocator, head_loss
+
+    root = Path(__file__).resolve().parents[1]
+    guide = " ".join((root / "docs" / "user-guide.md").read_text(encoding="utf-8").split())
+    para = guide[guide.index("Host memory:"):][:900]
+    assert "`HDLM_MALLOC=system` leaves glibc's defaults" in para and "hdlm.allocator.keep_freed_memory" in para
+    assert 'os.environ.get("HDLM_MALLOC"' in Path(allocator.__file__).read_text(encoding="utf-8")
+    arch = (root / "docs" / "architecture.md").read_text(encoding="utf-8")
+    m = re.search(r"`HEAD_CHUNK_ELEMENTS`, (\d+) MiB; `KEPT_HEAD_CHUNK_ELEMENTS`, (\d+) MiB", arch)
+    assert m, "docs/architecture.md no longer states the two head chunk sizes"
+    assert (int(m[1]) << 20, int(m[2]) << 20) == (head_loss.HEAD_CHUNK_ELEMENTS * 4,
+                                                  head_loss.KEPT_HEAD_CHUNK_ELEMENTS * 4)
