@@ -135,12 +135,11 @@ VARIANTS = {"before (unchunked head, AdamW loop)": (0, False, True, False, False
 
 @contextlib.contextmanager
 def adaln_per_cell(on: bool):
-    """With ``on``, the noise embedding and adaLN run on every cell (before hdlm.model.Conditioning
+    """With ``on``, the noise embedding and adaLN run on every cell (before hdlm.conditioning.Conditioning
     computed them once per distinct level), to time the two side by side."""
-    saved = Conditioning.of
+    saved = Conditioning.__dict__["of"]  # the classmethod itself, restored as it was
     if on:
-        Conditioning.of = classmethod(lambda cls, embed, sigma: cls(embed(sigma.reshape(-1)), None,
-                                                                    tuple(sigma.shape)))
+        Conditioning.of = Conditioning.per_cell
     try:
         yield
     finally:

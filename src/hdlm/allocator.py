@@ -4,8 +4,8 @@ glibc's malloc serves a large block (above a threshold of 128 KiB that grows up 
 fresh ``mmap`` and trims the top of its heap when more than twice that threshold is free, so
 the tensors a training or sampling step allocates and frees (activations, a chunk of logits,
 their gradients) come back as new pages every step and each 4 KiB page is zero-filled by a
-page fault on first touch: 100-250 thousand faults per step of the default preset on a 2-core
-CPU (bench/RESULTS.md, issue #16.3). :func:`keep_freed_memory` turns both off (``M_MMAP_MAX =
+page fault on first touch: 15-279 thousand faults per training step at the bench sizes on a
+2-core CPU (bench/RESULTS.md, issue #16.3). :func:`keep_freed_memory` turns both off (``M_MMAP_MAX =
 0``, ``M_TRIM_THRESHOLD`` = 2 GiB), as ``torch.backends.xeon.run_cpu`` does by preloading
 jemalloc: the process keeps its peak footprint (what a caching allocator such as PyTorch's CUDA
 one does too) and a steady step faults no page. The ``hdlm`` command line calls it for every

@@ -27,6 +27,11 @@ class Conditioning:
             levels, where = torch.unique(sigma, return_inverse=True)
             if 2 * levels.numel() <= sigma.numel():
                 return cls(embed(levels), where, tuple(sigma.shape))
+        return cls.per_cell(embed, sigma)
+
+    @classmethod
+    def per_cell(cls, embed: Callable[[Tensor], Tensor], sigma: Tensor) -> "Conditioning":
+        """One row per cell, no gather (the path when most levels are distinct, or under compile)."""
         return cls(embed(sigma.reshape(-1)), None, tuple(sigma.shape))
 
     def rows(self, linear: Callable[[Tensor], Tensor]) -> Tensor:

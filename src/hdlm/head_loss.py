@@ -27,8 +27,8 @@ from . import allocator
 #: allocates a few such blocks: logits, the loss's temporaries, their gradient).
 HEAD_CHUNK_ELEMENTS = 7 << 20
 #: The chunk when malloc keeps freed memory (:func:`hdlm.allocator.keep_freed_memory`, as the ``hdlm``
-#: command line does): 112 MiB, with no fault to pay the GEMMs get more rows (4-6% a training step at
-#: 4 × 256 on a 2-core CPU, flat beyond it: bench/RESULTS.md, issue #16.3).
+#: command line does): 112 MiB, with no fault to pay the GEMMs get more rows (5-7% a training step at
+#: 4 × 256 GPT-2 on a 2-core CPU, within the noise in the default preset: bench/RESULTS.md, #16.3).
 KEPT_HEAD_CHUNK_ELEMENTS = 28 << 20
 
 
