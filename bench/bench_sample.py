@@ -18,6 +18,9 @@ Side by side in one run, on one machine:
    eager head (before #16.1), lazy, lazy + output reuse (issue #16.4): model calls, sequence passes,
    tokens/s; the three give identical tokens (asserted).
 3. Flat, Block and Slide at ρ ∈ {1/2, 1, 2, 4}: number of model calls and generated tokens/s (cached).
+4. ``--kernel-speed``: one sampler step of the γ posterior kernel (the default for 0 < γ < 1) over M
+   active positions, composed from its definitions vs in closed form (hdlm.processes.gamma_kernel),
+   interleaved, in float32 as the sampler runs it; the two agree to float32 rounding (asserted).
 
 The fp32 GEMM rate of this machine is measured in the same run and printed first. A randomly
 initialised model is enough for speed (what is measured is compute per step, not text); the
@@ -125,6 +128,33 @@ def fastest(runs):
     best = min(runs, key=lambda r: r.wall_time)
     best.transformer_s = min(r.transformer_s for r in runs)
     return best
+
+
+def kernel_speed(args, out, reps: int = 10) -> None:
+    """The γ posterior kernel, composed vs closed form, per sampler step (ms), interleaved."""
+    print("\nγ posterior kernel (γ = 0.01, 70% MASK rows, random float32 raw), ms per step; best of 3 rounds")
+    print("| M rows | N | composed | closed form | × |")
+    print("|---|---|---|---|---|")
+    for n in (args.vocab, 50257):
+        proc = make_process(load_config(None, ["process.kind=gamma"]).process, n)
+        for m in (128, 512):
+            gen = torch.Generator().manual_seed(0)
+            raw = 3 * torch.randn(m, n, generator=gen)
+            x = torch.where(torch.rand(m, generator=gen) < 0.7, n, torch.randint(0, n, (m,), generator=gen))
+            s_now = torch.full((m,), 0.5, dtype=torch.float64)
+            s_next = s_now - 1 / 64
+            fns = {"composed": lambda: proc._posterior_composed(raw, x, s_now, s_next),
+                   "closed": lambda: proc.kernel_posterior(raw, x, s_now, s_next)}
+            torch.testing.assert_close(fns["closed"](), fns["composed"](), atol=1e-5, rtol=0)
+            best = {k: float("inf") for k in fns}
+            for _ in range(3):
+                for k, f in fns.items():
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        f()
+                    best[k] = min(best[k], (time.perf_counter() - t0) / reps * 1e3)
+            out["kernel"].append({"rows": m, "vocab": n, "composed_ms": best["composed"], "closed_ms": best["closed"]})
+            print(f"| {m} | {n} | {best['composed']:.1f} | {best['closed']:.1f} | {best['composed'] / best['closed']:.1f} |")
 
 
 def gemm_rate(device: str, n: int = 1024, reps: int = 10) -> float:
@@ -244,6 +274,7 @@ def main() -> None:
     ap.add_argument("--eager-cache", action="store_true", help="also time the cached run with the head everywhere")
     ap.add_argument("--long", action="store_true", help="Block at L = d, 2d, 4d (beyond the training length)")
     ap.add_argument("--skip-rho", action="store_true", help="leave out the ρ sweep")
+    ap.add_argument("--kernel-speed", action="store_true", help="time the γ posterior kernel, composed vs closed form")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
     ap.add_argument("--system-malloc", action="store_true",
@@ -253,9 +284,11 @@ def main() -> None:
         keep_freed_memory()  # as every hdlm command does
     out = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                       f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}",
-           "args": vars(args), "cache": [], "lazy": [], "rho": []}
+           "args": vars(args), "cache": [], "lazy": [], "rho": [], "kernel": []}
     out["gemm_gflops"] = gemm_rate(args.device)
     print(f"{out['machine']}; fp32 GEMM 1024³: {out['gemm_gflops']:.0f} GFLOP/s (measured now)")
+    if args.kernel_speed:
+        kernel_speed(args, out)
     if args.blocks:
         cache_table(args, out)
     if args.flat_rho:

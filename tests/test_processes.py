@@ -368,6 +368,33 @@ def test_posterior_kernel_is_the_posterior_mean_of_its_clean_token_estimate(gamm
         assert torch.all(got[reachable] > 0) and torch.all(got[~reachable] == 0)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.01, 0.3, 1.0])
+@pytest.mark.parametrize("noise", [LogLinear(1e-3), Geometric(1e-4, 20.0)], ids=["loglinear", "geometric"])
+def test_closed_form_posterior_kernel_equals_its_composition(gamma, noise):
+    """The closed-form posterior kernel (a few O(N) passes) equals the kernel composed from
+    clean_probs, apply_exp and exp_row, both tested above against dense matrix exponentials:
+    values to 1e-13 and the same zeros (up to underflow), over levels with no step, the last step, level 0 and 1,
+    MASK and real tokens, logits from flat to 300 wide."""
+    N, M = 7, 600
+    proc = GammaHybrid(N, noise, gamma)
+    gen = torch.Generator().manual_seed(3)
+    width = torch.tensor([0.01, 1.0, 30.0, 300.0], dtype=F64)[torch.randint(4, (M,), generator=gen)]
+    raw = width[:, None] * torch.randn(M, N, generator=gen, dtype=F64)
+    x = torch.randint(N if gamma == 1.0 else N + 1, (M,), generator=gen)
+    levels = torch.tensor([0.0, 1e-7, 0.1, 0.5, 0.9, 1.0], dtype=F64)
+    s_now = levels[torch.randint(6, (M,), generator=gen)]
+    s_next = torch.minimum(s_now, levels[torch.randint(6, (M,), generator=gen)])
+    fast = proc.kernel_posterior(raw, x, s_now, s_next)
+    ref = proc._posterior_composed(raw, x, s_now, s_next)
+    torch.testing.assert_close(fast, ref, atol=1e-13, rtol=1e-12)
+    tiny = torch.finfo(F64).tiny  # below it: underflow of a 300-wide softmax, not a zero of the kernel
+    assert torch.equal(fast < tiny, ref < tiny)
+    # any leading shape, and float32 close to the float64 composition
+    torch.testing.assert_close(proc.kernel_posterior(raw.view(20, 30, N), x.view(20, 30), s_now.view(20, 30),
+                                                     s_next.view(20, 30)), fast.view(20, 30, N + 1))
+    torch.testing.assert_close(proc.kernel_posterior(raw.float(), x, s_now, s_next).double(), ref, atol=2e-6, rtol=0)
+
+
 def test_posterior_kernel_keeps_every_reachable_state_where_the_analytic_step_clamps():
     """Scores far from any γ-hybrid marginal: the Tweedie step gives reachable tokens probability 0,
     the posterior kernel gives them all positive probability; γ = 0 is MDLM's ancestral kernel."""

@@ -28,6 +28,7 @@ from ..noise import NoiseSchedule, Scaled
 from ..sedd_score import sedd_dwdse, sedd_log_score
 from .base import NEG_INF, Process, float_dtype, levels64, noise_like, one_hot
 from .epsilon import MDLM
+from .gamma_kernel import posterior_kernel_subs
 
 
 def _phi(d: Tensor) -> Tensor:
@@ -381,7 +382,16 @@ class GammaHybrid(Process):
         Nothing is clamped: every state the chain can reach from a ŷ with p̂(ŷ) > 0 keeps probability
         > 0 (the discrete bound with this kernel is finite), and at the last step (s_next = 0) the
         kernel is p̂ itself, so MASK never survives. For γ = 0 it is MDLM's ancestral step.
+        With ``parametrisation = "subs"`` (p̂ from softmax(raw)) it is computed in closed form by
+        :func:`hdlm.processes.gamma_kernel.posterior_kernel_subs`;
+        :meth:`_posterior_composed` is the same kernel from the definitions.
         """
+        if self.parametrisation == "subs":
+            return posterior_kernel_subs(self, raw, x, s_now, s_next)
+        return self._posterior_composed(raw, x, s_now, s_next)
+
+    def _posterior_composed(self, raw: Tensor, x: Tensor, s_now, s_next) -> Tensor:
+        """:meth:`kernel_posterior` composed from its parts: :meth:`clean_probs`, ``apply_exp``, ``exp_row``."""
         n = self.N
         s_now, s_next = levels64(s_now, x), levels64(s_next, x)
         p_hat, q_x = self.clean_probs(raw, x, s_now)
