@@ -18,9 +18,10 @@ Side by side in one run, on one machine:
    eager head (before #16.1), lazy, lazy + output reuse (issue #16.4): model calls, sequence passes,
    tokens/s; the three give identical tokens (asserted).
 3. Flat, Block and Slide at ρ ∈ {1/2, 1, 2, 4}: number of model calls and generated tokens/s (cached).
-4. ``--kernel-speed``: one sampler step of the γ posterior kernel (the default for 0 < γ < 1) over M
-   active positions, composed from its definitions vs in closed form (hdlm.processes.gamma_kernel),
-   interleaved, in float32 as the sampler runs it; the two agree to float32 rounding (asserted).
+4. ``--kernel-speed``: one sampler step of the γ posterior kernel (the default for 0 < γ < 1) and of
+   the analytic one (γ = 0, 1) over M active positions, composed from their definitions vs in closed
+   form (hdlm.processes.gamma_kernel), interleaved, in float32 as the sampler runs them; they agree to
+   float32 rounding (asserted).
 
 The fp32 GEMM rate of this machine is measured in the same run and printed first. A randomly
 initialised model is enough for speed (what is measured is compute per step, not text); the
@@ -131,10 +132,10 @@ def fastest(runs):
 
 
 def kernel_speed(args, out, reps: int = 10) -> None:
-    """The γ posterior kernel, composed vs closed form, per sampler step (ms), interleaved."""
-    print("\nγ posterior kernel (γ = 0.01, 70% MASK rows, random float32 raw), ms per step; best of 3 rounds")
-    print("| M rows | N | composed | closed form | × |")
-    print("|---|---|---|---|---|")
+    """The γ kernels, composed from their definitions vs in closed form, per sampler step (ms), interleaved."""
+    print("\nγ reverse kernels (γ = 0.01, 70% MASK rows, random float32 raw), ms per step; best of 3 rounds")
+    print("| kernel | M rows | N | composed | closed form | × |")
+    print("|---|---|---|---|---|---|")
     for n in (args.vocab, 50257):
         proc = make_process(load_config(None, ["process.kind=gamma"]).process, n)
         for m in (128, 512):
@@ -143,18 +144,22 @@ def kernel_speed(args, out, reps: int = 10) -> None:
             x = torch.where(torch.rand(m, generator=gen) < 0.7, n, torch.randint(0, n, (m,), generator=gen))
             s_now = torch.full((m,), 0.5, dtype=torch.float64)
             s_next = s_now - 1 / 64
-            fns = {"composed": lambda: proc._posterior_composed(raw, x, s_now, s_next),
-                   "closed": lambda: proc.kernel_posterior(raw, x, s_now, s_next)}
-            torch.testing.assert_close(fns["closed"](), fns["composed"](), atol=1e-5, rtol=0)
-            best = {k: float("inf") for k in fns}
-            for _ in range(3):
-                for k, f in fns.items():
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        f()
-                    best[k] = min(best[k], (time.perf_counter() - t0) / reps * 1e3)
-            out["kernel"].append({"rows": m, "vocab": n, "composed_ms": best["composed"], "closed_ms": best["closed"]})
-            print(f"| {m} | {n} | {best['composed']:.1f} | {best['closed']:.1f} | {best['composed'] / best['closed']:.1f} |")
+            kernels = {
+                "posterior": (lambda: proc._posterior_composed(raw, x, s_now, s_next),
+                              lambda: proc.kernel_posterior(raw, x, s_now, s_next)),
+                "analytic": (lambda: proc._analytic_composed(proc.log_score(raw, x, s_now), x, s_now, s_next),
+                             lambda: proc.kernel_analytic(raw, x, s_now, s_next))}
+            for name, (composed, closed) in kernels.items():
+                torch.testing.assert_close(closed(), composed(), atol=1e-5, rtol=0)
+                best = [float("inf"), float("inf")]
+                for _ in range(3):
+                    for i, f in enumerate((composed, closed)):
+                        t0 = time.perf_counter()
+                        for _ in range(reps):
+                            f()
+                        best[i] = min(best[i], (time.perf_counter() - t0) / reps * 1e3)
+                out["kernel"].append({"kernel": name, "rows": m, "vocab": n, "composed_ms": best[0], "closed_ms": best[1]})
+                print(f"| {name} | {m} | {n} | {best[0]:.1f} | {best[1]:.1f} | {best[0] / best[1]:.1f} |")
 
 
 def gemm_rate(device: str, n: int = 1024, reps: int = 10) -> float:
@@ -274,7 +279,7 @@ def main() -> None:
     ap.add_argument("--eager-cache", action="store_true", help="also time the cached run with the head everywhere")
     ap.add_argument("--long", action="store_true", help="Block at L = d, 2d, 4d (beyond the training length)")
     ap.add_argument("--skip-rho", action="store_true", help="leave out the ρ sweep")
-    ap.add_argument("--kernel-speed", action="store_true", help="time the γ posterior kernel, composed vs closed form")
+    ap.add_argument("--kernel-speed", action="store_true", help="time the γ kernels, composed vs closed form")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
     ap.add_argument("--system-malloc", action="store_true",

@@ -368,31 +368,49 @@ def test_posterior_kernel_is_the_posterior_mean_of_its_clean_token_estimate(gamm
         assert torch.all(got[reachable] > 0) and torch.all(got[~reachable] == 0)
 
 
-@pytest.mark.parametrize("gamma", [0.0, 0.01, 0.3, 1.0])
-@pytest.mark.parametrize("noise", [LogLinear(1e-3), Geometric(1e-4, 20.0)], ids=["loglinear", "geometric"])
-def test_closed_form_posterior_kernel_equals_its_composition(gamma, noise):
-    """The closed-form posterior kernel (a few O(N) passes) equals the kernel composed from
-    clean_probs, apply_exp and exp_row, both tested above against dense matrix exponentials:
-    values to 1e-13 and the same zeros (up to underflow), over levels with no step, the last step, level 0 and 1,
-    MASK and real tokens, logits from flat to 300 wide."""
-    N, M = 7, 600
-    proc = GammaHybrid(N, noise, gamma)
-    gen = torch.Generator().manual_seed(3)
+def _kernel_problem(N, M, gamma, seed=3):
+    """Rows over every corner a kernel has: levels with no step, the last step, level 0 and 1, MASK and
+    real tokens (and MASK for γ = 1, whose chain never reaches it: a prompt may hold one), logits from
+    flat to 300 wide (a 300-wide softmax underflows to denormals)."""
+    gen = torch.Generator().manual_seed(seed)
     width = torch.tensor([0.01, 1.0, 30.0, 300.0], dtype=F64)[torch.randint(4, (M,), generator=gen)]
     raw = width[:, None] * torch.randn(M, N, generator=gen, dtype=F64)
-    x = torch.randint(N if gamma == 1.0 else N + 1, (M,), generator=gen)
+    x = torch.randint(N + 1, (M,), generator=gen)
     levels = torch.tensor([0.0, 1e-7, 0.1, 0.5, 0.9, 1.0], dtype=F64)
     s_now = levels[torch.randint(6, (M,), generator=gen)]
-    s_next = torch.minimum(s_now, levels[torch.randint(6, (M,), generator=gen)])
-    fast = proc.kernel_posterior(raw, x, s_now, s_next)
-    ref = proc._posterior_composed(raw, x, s_now, s_next)
+    return raw, x, s_now, torch.minimum(s_now, levels[torch.randint(6, (M,), generator=gen)])
+
+
+def _assert_same_kernel(fast, ref):
     torch.testing.assert_close(fast, ref, atol=1e-13, rtol=1e-12)
-    tiny = torch.finfo(F64).tiny  # below it: underflow of a 300-wide softmax, not a zero of the kernel
+    tiny = torch.finfo(F64).tiny  # below it: underflow, not a zero of the kernel
     assert torch.equal(fast < tiny, ref < tiny)
-    # any leading shape, and float32 close to the float64 composition
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.01, 0.3, 1.0])
+@pytest.mark.parametrize("noise", [LogLinear(1e-3), Geometric(1e-4, 20.0)], ids=["loglinear", "geometric"])
+def test_closed_form_kernels_equal_their_composition(gamma, noise):
+    """The closed-form posterior kernel, Tweedie step and analytic kernel (hdlm.processes.gamma_kernel:
+    a few O(N) passes) equal the kernels composed from log_score, clean_probs, apply_exp and exp_row (tested above
+    against dense matrix exponentials): values to 1e-13 and the same zeros, also for any
+    log-scores (the "sedd" parametrisation's) and any leading shape; float32 stays close."""
+    N, M = 7, 600
+    proc = GammaHybrid(N, noise, gamma)
+    raw, x, s_now, s_next = _kernel_problem(N, M, gamma)
+    fast = proc.kernel_posterior(raw, x, s_now, s_next)
+    _assert_same_kernel(fast, proc._posterior_composed(raw, x, s_now, s_next))
     torch.testing.assert_close(proc.kernel_posterior(raw.view(20, 30, N), x.view(20, 30), s_now.view(20, 30),
                                                      s_next.view(20, 30)), fast.view(20, 30, N + 1))
-    torch.testing.assert_close(proc.kernel_posterior(raw.float(), x, s_now, s_next).double(), ref, atol=2e-6, rtol=0)
+    torch.testing.assert_close(proc.kernel_posterior(raw.float(), x, s_now, s_next).double(), fast, atol=2e-6, rtol=0)
+    # the analytic kernel from raw outputs, without forming the log-scores
+    _assert_same_kernel(proc.kernel_analytic(raw, x, s_now, s_next),
+                        proc._analytic_composed(proc.log_score(raw, x, s_now), x, s_now, s_next))
+    gen = torch.Generator().manual_seed(4)
+    for log_score in (proc.log_score(raw, x, s_now), 5.0 * torch.randn(M, N + 1, generator=gen, dtype=F64)):
+        step = proc.analytic_probs(log_score, x, s_now, s_next)
+        _assert_same_kernel(step, proc._analytic_composed(log_score, x, s_now, s_next))
+        torch.testing.assert_close(proc.analytic_probs(log_score.view(20, 30, N + 1), x.view(20, 30),
+                                                       s_now.view(20, 30), s_next.view(20, 30)), step.view(20, 30, N + 1))
 
 
 def test_posterior_kernel_keeps_every_reachable_state_where_the_analytic_step_clamps():
@@ -639,8 +657,8 @@ def test_reverse_kernels_by_name_reach_samplers_and_the_bound_without_touching_c
     raw, x = torch.randn(4, N, generator=gen, dtype=F64), torch.tensor([N, 1, N, 3])
     s_now, s_next = torch.full((4,), 0.7, dtype=F64), torch.tensor([0.4, 0.4, 0.7, 0.0], dtype=F64)
     got = proc.reverse_kernel(raw, x, s_now, s_next, "analytic")
-    ref = proc.analytic_probs(proc.log_score(raw, x, s_now), x, s_now, s_next)
-    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    ref = proc.kernel_analytic(raw, x, s_now, s_next)
+    torch.testing.assert_close(got[[0, 1, 3]], ref[[0, 1, 3]], rtol=0, atol=0)
     assert torch.equal(got[2], torch.nn.functional.one_hot(x[2], N + 1).double())  # level does not move: stays
     assert torch.equal(proc.reverse_kernel(raw, x, s_now, s_next), proc.reverse_kernel(raw, x, s_now, s_next, "posterior"))  # the default (0 < γ < 1)
     with pytest.raises(HDLMError, match="offers analytic, euler, posterior, ar"):

@@ -158,8 +158,10 @@ class Process(ABC):
         if name not in self.kernels:
             raise HDLMError(f"reverse kernel '{name}': {type(self).__name__} offers {', '.join(self.kernels)}")
         probs = getattr(self, f"kernel_{name}")(raw, x, s_now, s_next)
-        s_now, s_next = levels64(s_now, x), levels64(s_next, x)
-        return torch.where((s_next < s_now).unsqueeze(-1), probs, one_hot(x, self.N + 1, probs.dtype))
+        moving = levels64(s_next, x) < levels64(s_now, x)
+        if bool(moving.all()):  # the samplers pass moving positions only: no (…, N+1) one-hot to build
+            return probs
+        return torch.where(moving.unsqueeze(-1), probs, one_hot(x, self.N + 1, probs.dtype))
 
     def kernel_stay(self, x: Tensor, s_now, s_next, kernel: str) -> Tensor | None:
         """P(x_s = x_t) under ``kernel`` where it does not depend on the model's output, NaN where it

@@ -28,7 +28,7 @@ from ..noise import NoiseSchedule, Scaled
 from ..sedd_score import sedd_dwdse, sedd_log_score
 from .base import NEG_INF, Process, float_dtype, levels64, noise_like, one_hot
 from .epsilon import MDLM
-from .gamma_kernel import posterior_kernel_subs
+from .gamma_kernel import posterior_kernel_subs, tweedie_kernel_subs, tweedie_step
 
 
 def _phi(d: Tensor) -> Tensor:
@@ -329,8 +329,14 @@ class GammaHybrid(Process):
         p(z) oc [exp(-delta Q) s]_z exp(delta Q)[x, z]; exact when s holds the true ratios of a
         single token. Tiny negatives (imperfect scores, rounding) are clamped to 0. Where
         s_next == 0 MASK gets probability 0 (SEDD's final denoising step); where delta == 0, x stays.
-        Pass float64 log-scores for the most accurate MASK probability.
+        Pass float64 log-scores for the most accurate MASK probability. Computed in closed form
+        (:func:`hdlm.processes.gamma_kernel.tweedie_step`); :meth:`_analytic_composed` is the same step
+        from ``apply_exp`` and ``exp_row``.
         """
+        return tweedie_step(self, log_score, x, s_now, s_next)
+
+    def _analytic_composed(self, log_score: Tensor, x: Tensor, s_now, s_next) -> Tensor:
+        """:meth:`analytic_probs` composed from its definition (the reference of the closed form)."""
         delta, s_next = self._step_delta(x, s_now, s_next, log_score.dtype, log_score.device)
         # p is invariant to rescaling s, so take s / max(s): no overflow for large scores
         scaled = torch.exp(log_score - log_score.amax(-1, keepdim=True))
@@ -366,7 +372,10 @@ class GammaHybrid(Process):
         return _normalise_step(probs, log_score, x, s_next, delta, self.mask_id)
 
     def kernel_analytic(self, raw: Tensor, x: Tensor, s_now, s_next) -> Tensor:
-        """The analytic (Tweedie tau-leaping) kernel from raw outputs: the paper's default sampler."""
+        """The analytic (Tweedie tau-leaping) kernel from raw outputs: the paper's default sampler
+        (for the "subs" parametrisation without forming the log-scores: :func:`tweedie_kernel_subs`)."""
+        if self.parametrisation == "subs":
+            return tweedie_kernel_subs(self, raw, x, s_now, s_next)
         return self.analytic_probs(self.log_score(raw, x, s_now), x, s_now, s_next)
 
     def kernel_euler(self, raw: Tensor, x: Tensor, s_now, s_next) -> Tensor:
