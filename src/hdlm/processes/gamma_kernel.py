@@ -24,13 +24,11 @@ if TYPE_CHECKING:
 def posterior_kernel_subs(proc: "GammaHybrid", raw: Tensor, x: Tensor, s_now, s_next) -> Tensor:
     """:meth:`GammaHybrid.kernel_posterior` for p = softmax(raw) in a handful of passes over the vocabulary.
 
-    Every factor of the kernel is, per row, a scalar plus a correction in the column j of a real
-    x_t (Eq. 7g: exp(cQ)[x, z] = a(1-b)/N + ab [z = x] for real x, 1 - a for x = MASK), so:
-    the Tweedie denoiser is D ∝ r · exp_row(x, σ̄(s_now) − σ̄(0)) with r = relu(b′ p + (1 − b′) Σp / N),
-    b′ = e^{γ(σ̄(s_now) − σ̄(0))} (:meth:`GammaHybrid.analytic_probs` to level 0, normalised: the model's
-    odds and the scaling by max s cancel); m̃ ∝ p · q(x | ·); w = p̂ / q(x | ·) = α r + β p off column j;
-    and the kernel is k_r r + k_p p + k_c off column j, with column j and MASK set per row
-    (:func:`_row_coefficients`, float64). The O(N) passes run in raw's dtype.
+    Per row: the Tweedie denoiser is D ∝ r · exp_row(x, σ̄(s_now) − σ̄(0)), r = relu(b′ p + (1 − b′) Σp / N),
+    b′ = e^{γ(σ̄(s_now) − σ̄(0))} (:meth:`GammaHybrid.analytic_probs` to level 0, normalised: the
+    model's odds and the scaling by max s cancel); m̃ ∝ p · q(x | ·); w = p̂ / q(x | ·) = α r + β p
+    off column j; and the kernel is k_r r + k_p p + k_c off column j, with column j and MASK set per
+    row (:func:`_row_coefficients`, float64). The O(N) passes run in raw's dtype.
     """
     n, dtype, shape = proc.N, raw.dtype, x.shape
     s_now, s_next = levels64(s_now, x).reshape(-1), levels64(s_next, x).reshape(-1)
