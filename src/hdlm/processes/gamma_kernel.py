@@ -90,8 +90,8 @@ def _row_coefficients(proc: "GammaHybrid", is_mask: Tensor, s_now: Tensor, s_nex
 
 
 def _row_sum(t: Tensor) -> Tensor:
-    """Σ over the last dim, in t's dtype, as float64 (a float32 sum accumulated in float64 is ~5x slower
-    on CPU; pairwise float32 summation is as accurate as the float32 terms)."""
+    """Σ over the last dim in t's dtype, as float64: accumulating a float32 row in float64 is much slower
+    on CPU (bench/RESULTS.md), and float32's pairwise sum is as accurate as its float32 terms."""
     return t.sum(-1).double()
 
 
