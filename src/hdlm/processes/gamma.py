@@ -404,7 +404,7 @@ class GammaHybrid(Process):
         (``reference``: with the composed Tweedie step too, all from the definitions)."""
         n = self.N
         s_now, s_next = levels64(s_now, x), levels64(s_next, x)
-        p_hat, q_x = self.clean_probs(raw, x, s_now, composed=reference)
+        p_hat, q_x = self.clean_probs(raw, x, s_now, reference=reference)
         w = torch.where(q_x > 0, p_hat / torch.where(q_x > 0, q_x, torch.ones_like(q_x)), torch.zeros_like(q_x))
         prior = self.apply_exp(torch.cat([w, torch.zeros_like(w[..., :1])], -1), self._chain_noise(s_next).to(w.dtype))
         delta = (self._chain_noise(s_now) - self._chain_noise(s_next)).clamp_min(0.0).to(w.dtype)
@@ -413,7 +413,7 @@ class GammaHybrid(Process):
         stay = one_hot(x, n + 1, probs.dtype)
         return torch.where(total > 0, probs / torch.where(total > 0, total, torch.ones_like(total)), stay)
 
-    def clean_probs(self, raw: Tensor, x: Tensor, s_now, composed: bool = False) -> tuple[Tensor, Tensor]:
+    def clean_probs(self, raw: Tensor, x: Tensor, s_now, reference: bool = False) -> tuple[Tensor, Tensor]:
         """(p̂(ŷ | x_t), q(x_t at s_now | ŷ)) over the real ŷ, (..., N) each: the model's clean token.
 
         p̂ = (1 − κ) D + κ m̃, κ = 1 − e^{−γ c(s_now)} (the chance the uniform part has redrawn the
@@ -433,7 +433,7 @@ class GammaHybrid(Process):
         if self.gamma == 0.0:
             return m, q_x
         kappa = -torch.expm1(-self.gamma * c_now).unsqueeze(-1)
-        step = self._analytic_composed if composed else self.analytic_probs  # composed: from the definitions
+        step = self._analytic_composed if reference else self.analytic_probs  # reference: from the definitions
         tweedie = step(log_score, x, s_now.to(raw.dtype), torch.zeros_like(s_now, dtype=raw.dtype))
         return (1.0 - kappa) * tweedie[..., :n] + kappa * m, q_x
 

@@ -31,19 +31,17 @@ def posterior_kernel_subs(proc: "GammaHybrid", raw: Tensor, x: Tensor, s_now, s_
     row (:func:`_row_coefficients`, float64). The O(N) passes run in raw's dtype.
     """
     n, dtype, shape = proc.N, raw.dtype, x.shape
+    d_t = proc._step_delta(x, s_now, 0.0, torch.float64, x.device)[0].reshape(-1)  # the Tweedie step to level 0
     s_now, s_next = levels64(s_now, x).reshape(-1), levels64(s_next, x).reshape(-1)
     x, raw = x.reshape(-1), raw.reshape(-1, n)
-    is_mask = x == proc.mask_id
-    j = torch.where(is_mask, torch.zeros_like(x), x).unsqueeze(-1)  # column of a real x_t (a dummy for MASK)
-    d_t = (proc.noise.sigma_bar(s_now) - proc.noise.sigma_bar(torch.zeros_like(s_now))).clamp_min(0.0)
-    b_up, bbar_up = torch.exp(proc.gamma * d_t), -torch.expm1(proc.gamma * d_t)  # b(-δ), 1 - b(-δ)
+    is_mask, j = _token_column(proc, x)
 
     p = torch.softmax(raw, dim=-1)
     sp = _row_sum(p)
-    r = torch.addcmul((bbar_up * sp / n).to(dtype).unsqueeze(-1), p, b_up.to(dtype).unsqueeze(-1)).clamp_min_(0.0)
+    r = _clamped_back(p, sp, proc.gamma, d_t)
     sums = sp, _row_sum(r), *(t.gather(-1, j).squeeze(-1).double() for t in (p, r))
-    k_r, k_p, k_c, col_j, col_mask, ok = (t.to(dtype) if t.is_floating_point() else t for t in
-                                          _row_coefficients(proc, is_mask, s_now, s_next, d_t, *sums))
+    *coefficients, ok = _row_coefficients(proc, is_mask, s_now, s_next, d_t, *sums)
+    k_r, k_p, k_c, col_j, col_mask = (t.to(dtype) for t in coefficients)
 
     out = torch.empty(raw.shape[0], n + 1, dtype=dtype, device=raw.device)
     torch.mul(r, k_r.unsqueeze(-1), out=out[:, :n])
@@ -87,6 +85,21 @@ def _row_coefficients(proc: "GammaHybrid", is_mask: Tensor, s_now: Tensor, s_nex
     scale = e_off * a_n * b_n
     return (_ratio(scale * alpha, total), _ratio(scale * beta, total), _ratio(e_off * spread, total),
             _ratio(col_j, total), _ratio(col_mask, total), total > 0)
+
+
+def _token_column(proc: "GammaHybrid", x: Tensor) -> tuple[Tensor, Tensor]:
+    """Which rows hold MASK, and the column (M, 1) of each row's real token (0, a dummy, at a MASK)."""
+    is_mask = x == proc.mask_id
+    return is_mask, torch.where(is_mask, torch.zeros_like(x), x).unsqueeze(-1)
+
+
+def _clamped_back(scaled: Tensor, total: Tensor, gamma: float, delta: Tensor) -> Tensor:
+    """relu(b′ s + (1 − b′) T / N), b′ = e^{γδ}: [exp(−δQ) s] on the real tokens up to the row's factor
+    e^{(1−γ)δ}, clamped at 0 (the Tweedie step's back-propagated scores; T = Σ_real s, float64)."""
+    n, dtype = scaled.shape[-1], scaled.dtype
+    b_up, bbar_up = torch.exp(gamma * delta), -torch.expm1(gamma * delta)
+    return torch.addcmul((bbar_up * total / n).to(dtype).unsqueeze(-1), scaled,
+                         b_up.to(dtype).unsqueeze(-1)).clamp_min_(0.0)
 
 
 def _row_sum(t: Tensor) -> Tensor:
@@ -138,13 +151,10 @@ def _tweedie(proc: "GammaHybrid", scaled: Tensor, scaled_mask: Tensor, real_logi
     n, dtype = proc.N, scaled.dtype
     delta, s_next = proc._step_delta(x, s_now, s_next, torch.float64, x.device)
     delta, final, x = delta.reshape(-1), (s_next == 0).reshape(-1), x.reshape(-1)
-    is_mask = x == proc.mask_id
-    j = torch.where(is_mask, torch.zeros_like(x), x).unsqueeze(-1)
+    is_mask, j = _token_column(proc, x)
     total_real = _row_sum(scaled)
     a_up, abar_up = torch.exp((1.0 - proc.gamma) * delta), -torch.expm1((1.0 - proc.gamma) * delta)
-    b_up, bbar_up = torch.exp(proc.gamma * delta), -torch.expm1(proc.gamma * delta)
-    r = torch.addcmul((bbar_up * total_real / n).to(dtype).unsqueeze(-1), scaled,
-                      b_up.to(dtype).unsqueeze(-1)).clamp_min_(0.0)
+    r = _clamped_back(scaled, total_real, proc.gamma, delta)
     r_j = r.gather(-1, j).squeeze(-1).double()
     a_d, abar_d, b_d, bbar_d = proc._coeffs(delta)
     zero = torch.zeros_like(delta)
